@@ -1,0 +1,3 @@
+//! Datasets, optimizer, training loop, checkpoints and evaluation for Flamingo.
+
+pub mod data;
