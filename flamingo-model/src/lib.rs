@@ -2,6 +2,9 @@
 
 pub mod convert;
 pub mod error;
+pub mod flamingo;
+pub mod lm;
 pub mod loader;
+pub mod vision;
 
 pub use error::{Error, Result};

@@ -1,0 +1,17 @@
+//! Flamingo's trainable connector: the Perceiver Resampler, gated
+//! cross-attention blocks, and their tensors.
+
+pub mod batch;
+pub mod cross_attention;
+pub mod generate;
+pub mod layers;
+pub mod model;
+pub mod params;
+pub mod resampler;
+
+pub use cross_attention::{CrossAttentionShape, GatedCrossAttention, MediaKeys};
+pub use params::{Init, Param, ParamId, ParamStore};
+pub use resampler::{PerceiverResampler, ResamplerConfig};
+pub use batch::{media_index, tokenize_segments, BatchLimits, Segment, TextBatch, TokenizedText};
+pub use model::{Flamingo, FlamingoConfig, GateValues, LossOutput};
+pub use generate::{Generation, GenerationConfig};
