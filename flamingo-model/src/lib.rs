@@ -5,6 +5,8 @@ pub mod error;
 pub mod flamingo;
 pub mod lm;
 pub mod loader;
+pub mod pipeline;
 pub mod vision;
 
 pub use error::{Error, Result};
+pub use pipeline::FlamingoPipeline;

@@ -37,6 +37,8 @@ pub struct GenerationConfig {
     /// Generation stops when the text produced contains one of these; the
     /// stop string and what follows it are cut off.
     pub stop_strings: Vec<String>,
+    /// Token ids that are never generated (their logits are set to −∞).
+    pub suppress_tokens: Vec<u32>,
     /// Seed of the sampler.
     pub seed: u64,
 }
@@ -51,6 +53,7 @@ impl Default for GenerationConfig {
             num_beams: 1,
             length_penalty: 1.0,
             stop_strings: Vec::new(),
+            suppress_tokens: Vec::new(),
             seed: 0,
         }
     }
@@ -201,7 +204,7 @@ impl Flamingo {
         let mut finished = vec![false; batch];
         let vocab = self.vocab_size();
         for step in 0..config.max_new_tokens {
-            let host = logits.to_vec_f32()?;
+            let host = suppress(logits.to_vec_f32()?, vocab, &config.suppress_tokens);
             let mut next = Vec::with_capacity(batch);
             for b in 0..batch {
                 if finished[b] {
@@ -237,7 +240,7 @@ impl Flamingo {
         let mut done: Vec<(Vec<u32>, f32)> = Vec::new();
         let normalise = |score: f32, len: usize| score / (len as f32).powf(config.length_penalty);
         for step in 0..config.max_new_tokens {
-            let host = logits.to_vec_f32()?;
+            let host = suppress(logits.to_vec_f32()?, vocab, &config.suppress_tokens);
             let mut candidates: Vec<(f32, usize, u32)> = Vec::with_capacity(beams * 2 * beams);
             for (b, (_, score)) in running.iter().enumerate() {
                 let log_probs = log_softmax(&host[b * vocab..(b + 1) * vocab]);
@@ -365,6 +368,18 @@ impl Decoder<'_> {
         let media = self.last_media.clone();
         self.step(tokens, &positions, &media, 1)
     }
+}
+
+/// Sets the logits of `tokens` to −∞ in every row of `vocab` logits.
+fn suppress(mut logits: Vec<f32>, vocab: usize, tokens: &[u32]) -> Vec<f32> {
+    for row in logits.chunks_mut(vocab) {
+        for &token in tokens {
+            if let Some(value) = row.get_mut(token as usize) {
+                *value = f32::NEG_INFINITY;
+            }
+        }
+    }
+    logits
 }
 
 /// Picks the next token from one row of logits.

@@ -2,6 +2,7 @@
 //! cross-attention blocks, and their tensors.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod cross_attention;
 pub mod generate;
 pub mod layers;
@@ -15,3 +16,4 @@ pub use resampler::{PerceiverResampler, ResamplerConfig};
 pub use batch::{media_index, tokenize_segments, BatchLimits, Segment, TextBatch, TokenizedText};
 pub use model::{Flamingo, FlamingoConfig, GateValues, LossOutput};
 pub use generate::{Generation, GenerationConfig};
+pub use checkpoint::{BackboneIdentity, ConnectorManifest, CONNECTOR_MANIFEST, CONNECTOR_WEIGHTS};
