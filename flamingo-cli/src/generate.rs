@@ -72,6 +72,7 @@ pub fn run(device: Device, args: Args) -> anyhow::Result<()> {
         length_penalty: args.length_penalty,
         stop_strings: args.stop_strings.clone(),
         suppress_tokens: Vec::new(),
+        stop_token_ids: None,
         seed: args.seed,
     };
 
@@ -92,11 +93,12 @@ pub fn run(device: Device, args: Args) -> anyhow::Result<()> {
             let (lm, tokenizer, special) = LanguageModel::load(&device, lm_path)?;
             let width = 8;
             let connector = FlamingoConfig {
-                resampler: ResamplerConfig { dim: width, depth: 1, heads: 1, dim_head: width, num_latents: 1, ff_mult: 1, max_num_media: 1, max_num_frames: 1 },
+                resampler: ResamplerConfig { dim: width, depth: 1, heads: 1, dim_head: width, num_latents: 1, ff_mult: 1, max_num_media: 1, max_num_frames: 1, ..ResamplerConfig::default() },
                 cross_attn_every_n_layers: lm.summary().num_layers,
                 cross_attn_heads: 1,
                 cross_attn_dim_head: width,
                 cross_attn_ff_mult: 1,
+                cross_attn_layout: Default::default(),
             };
             // An untrained connector has every gate at 0, so this is the plain
             // LM; its two added tokens are never generated.

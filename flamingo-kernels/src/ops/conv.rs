@@ -117,9 +117,7 @@ fn cpu_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, spec: &Conv2d,
         if let Some(bias) = bias {
             row.iter_mut().zip(bias).for_each(|(value, b)| *value += b);
         }
-        if act != Activation::Identity {
-            row.iter_mut().for_each(|value| *value = act.apply(*value));
-        }
+        act.apply_in_place(row);
     });
     Ok(out)
 }

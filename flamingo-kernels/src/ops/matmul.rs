@@ -231,9 +231,7 @@ fn cpu_matmul(a: &Tensor, b: &Tensor, spec: &Matmul, dims: MatmulDims) -> Result
             if let Some(bias) = bias {
                 row.iter_mut().zip(bias).for_each(|(value, b)| *value += b);
             }
-            if act != Activation::Identity {
-                row.iter_mut().for_each(|value| *value = act.apply(*value));
-            }
+            act.apply_in_place(row);
         });
     }
     Ok(out)
