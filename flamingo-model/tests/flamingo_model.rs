@@ -28,11 +28,13 @@ fn config() -> FlamingoConfig {
             ff_mult: 2,
             max_num_media: 3,
             max_num_frames: 2,
+            ..ResamplerConfig::default()
         },
         cross_attn_every_n_layers: 1,
         cross_attn_heads: 2,
         cross_attn_dim_head: 4,
         cross_attn_ff_mult: 2,
+        cross_attn_layout: Default::default(),
     }
 }
 
@@ -329,4 +331,41 @@ fn generation_matches_the_lm_and_ignores_batch_neighbours() {
     let together = model.generate(&[long.clone(), short.clone()], None, &config).unwrap();
     assert_eq!(together[1].ids, alone[0].ids);
     assert_eq!(together[0].ids, model.generate(&[long], None, &config).unwrap()[0].ids);
+}
+
+#[test]
+fn beam_search_matches_transformers() {
+    let device = Device::cpu();
+    let model = load(&device, "tiny_llama");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny_llama").join("generation.json")).unwrap()).unwrap();
+    let beam = &reference["beam_search"];
+    let ids = |value: &serde_json::Value| -> Vec<u32> { value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+    let prompt = ids(&reference["prompt_ids"]);
+    let eos = beam["eos_token_id"].as_u64().unwrap() as u32;
+    let config = GenerationConfig {
+        max_new_tokens: beam["max_new_tokens"].as_u64().unwrap() as usize,
+        num_beams: beam["num_beams"].as_u64().unwrap() as usize,
+        length_penalty: beam["length_penalty"].as_f64().unwrap() as f32,
+        // With every gate at 0 and the added tokens suppressed, this is the plain LM.
+        suppress_tokens: vec![model.image_id, model.end_of_chunk_id],
+        stop_token_ids: Some(vec![eos]),
+        ..Default::default()
+    };
+    let output = model.generate(&[prompt.clone()], None, &config).unwrap().remove(0);
+    let mut best = ids(&beam["sequences"][0]);
+    best.drain(..prompt.len());
+    best.truncate(best.iter().position(|&id| id == eos).map_or(best.len(), |i| i + 1));
+    assert_eq!(output.ids, best);
+    let score = beam["sequences_scores"][0].as_f64().unwrap() as f32;
+    assert!((output.score.unwrap() - score).abs() < 1e-4, "score {:?} vs transformers' {score}", output.score);
+
+    // Greedy with the fixture's end-of-sequence token.
+    let greedy = &reference["greedy"];
+    let eos = greedy["eos_token_id"].as_u64().unwrap() as u32;
+    let config = GenerationConfig { max_new_tokens: 8, suppress_tokens: vec![model.image_id, model.end_of_chunk_id], stop_token_ids: Some(vec![eos]), ..Default::default() };
+    let output = model.generate(&[prompt.clone()], None, &config).unwrap().remove(0);
+    let mut expected = ids(&greedy["sequence"]);
+    expected.drain(..prompt.len());
+    assert_eq!(output.ids, expected);
 }

@@ -39,6 +39,9 @@ pub struct GenerationConfig {
     pub stop_strings: Vec<String>,
     /// Token ids that are never generated (their logits are set to −∞).
     pub suppress_tokens: Vec<u32>,
+    /// Token ids that end a continuation; `None` means the LM's
+    /// end-of-sequence tokens and `<|endofchunk|>`.
+    pub stop_token_ids: Option<Vec<u32>>,
     /// Seed of the sampler.
     pub seed: u64,
 }
@@ -54,6 +57,7 @@ impl Default for GenerationConfig {
             length_penalty: 1.0,
             stop_strings: Vec::new(),
             suppress_tokens: Vec::new(),
+            stop_token_ids: None,
             seed: 0,
         }
     }
@@ -197,7 +201,7 @@ impl Flamingo {
 
     fn sample(&self, prompts: &[Vec<u32>], latents: &Tensor, config: &GenerationConfig) -> Result<Vec<Generation>> {
         let batch = prompts.len();
-        let stops = self.stop_ids();
+        let stops = self.stop_ids(config);
         let mut rng = StdRng::seed_from_u64(config.seed);
         let (mut decoder, mut logits) = self.start_decoder(prompts, latents)?;
         let mut generated: Vec<Vec<u32>> = vec![Vec::new(); batch];
@@ -229,7 +233,7 @@ impl Flamingo {
 
     fn beam_search(&self, prompt: &[u32], latents: &Tensor, config: &GenerationConfig) -> Result<Generation> {
         let beams = config.num_beams;
-        let stops = self.stop_ids();
+        let stops = self.stop_ids(config);
         let vocab = self.vocab_size();
         let prompts = vec![prompt.to_vec(); beams];
         let (mut decoder, mut logits) = self.start_decoder(&prompts, latents)?;
@@ -301,8 +305,12 @@ impl Flamingo {
         self.finish(ids, Some(score), config)
     }
 
-    /// Token ids that end a continuation: the LM's end-of-sequence tokens and `<|endofchunk|>`.
-    fn stop_ids(&self) -> Vec<u32> {
+    /// Token ids that end a continuation: those configured, or the LM's
+    /// end-of-sequence tokens and `<|endofchunk|>`.
+    fn stop_ids(&self, config: &GenerationConfig) -> Vec<u32> {
+        if let Some(stops) = &config.stop_token_ids {
+            return stops.clone();
+        }
         let mut stops = vec![self.end_of_chunk_id];
         stops.extend(self.lm.summary().eos_token_ids.iter().copied());
         stops
