@@ -15,6 +15,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use flamingo_kernels::{Device, DeviceRequest};
 
+// The CPU backend allocates a fresh buffer for every op's output. glibc's
+// allocator hands large blocks back to the kernel on free, so each step
+// paid for page faults again; mimalloc keeps freed memory for reuse.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Flamingo in Rust: a frozen vision encoder and a frozen language model,
 /// connected by a trainable Perceiver Resampler and gated cross-attention.
 #[derive(Debug, Parser)]

@@ -65,7 +65,7 @@ fn assert_close(what: &str, got: &Tensor, want: &HostTensor, tol: f32) {
 
 fn resampler_case(device: &Device) -> flamingo_model::Result<()> {
     let fixture = read_fixture("flamingo_pytorch_resampler.safetensors");
-    let config = ResamplerConfig { dim: 32, depth: 2, heads: 2, dim_head: 8, num_latents: 5, ff_mult: 2, max_num_media: 3, max_num_frames: 1 };
+    let config = ResamplerConfig { dim: 32, depth: 2, heads: 2, dim_head: 8, num_latents: 5, ff_mult: 2, max_num_media: 3, max_num_frames: 1, ..ResamplerConfig::default() };
     let mut store = ParamStore::new(device, 0);
     let resampler = PerceiverResampler::new(&mut store, "perceiver", config)?;
 

@@ -10,7 +10,8 @@ pub mod model;
 pub mod params;
 pub mod resampler;
 
-pub use cross_attention::{CrossAttentionShape, GatedCrossAttention, MediaKeys};
+pub use cross_attention::{CrossAttentionLayout, CrossAttentionShape, GatedCrossAttention, MediaKeys};
+pub use layers::{FeedForwardKind, NormKind};
 pub use params::{Init, Param, ParamId, ParamStore};
 pub use resampler::{PerceiverResampler, ResamplerConfig};
 pub use batch::{media_index, tokenize_segments, BatchLimits, Segment, TextBatch, TokenizedText};

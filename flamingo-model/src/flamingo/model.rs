@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::flamingo::batch::{BatchLimits, TextBatch};
-use crate::flamingo::cross_attention::{CrossAttentionSaved, CrossAttentionShape, GatedCrossAttention, MediaKeys};
+use crate::flamingo::cross_attention::{CrossAttentionLayout, CrossAttentionSaved, CrossAttentionShape, GatedCrossAttention, MediaKeys};
 use crate::flamingo::params::{ParamId, ParamStore};
 use crate::flamingo::resampler::{PerceiverResampler, ResamplerConfig};
 use crate::lm::{LanguageModel, LayerSaved, SelfAttentionInput};
@@ -33,7 +33,7 @@ use crate::loader::{add_special_tokens, SpecialTokens, Tokenizer, END_OF_CHUNK_T
 const HEAD_CHUNK_ROWS: usize = 128;
 
 /// The shape of the trainable connector.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FlamingoConfig {
     pub resampler: ResamplerConfig,
@@ -43,6 +43,9 @@ pub struct FlamingoConfig {
     pub cross_attn_dim_head: usize,
     /// Inner width of the blocks' feed-forward part, as a multiple of the text width.
     pub cross_attn_ff_mult: usize,
+    /// Norms and feed-forward kind of the blocks; OpenFlamingo's when absent.
+    #[serde(default)]
+    pub cross_attn_layout: CrossAttentionLayout,
 }
 
 /// Loss of one forward pass.
@@ -129,7 +132,7 @@ impl Flamingo {
         let mut blocks = Vec::with_capacity(summary.num_layers);
         for layer in 0..summary.num_layers {
             let block = if (layer + 1) % config.cross_attn_every_n_layers == 0 {
-                Some(GatedCrossAttention::new(&mut store, &format!("{prefix}.{layer}.gated_cross_attn_layer"), shape)?)
+                Some(GatedCrossAttention::with_layout(&mut store, &format!("{prefix}.{layer}.gated_cross_attn_layer"), shape, config.cross_attn_layout)?)
             } else {
                 None
             };
