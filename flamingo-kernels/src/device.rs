@@ -208,6 +208,15 @@ impl Device {
         Ok(Device { inner: Arc::new(DeviceInner { id, backend: Backend::Gpu(backend), description }) })
     }
 
+    /// Opens adapter `index` with explicit options (a capped storage binding
+    /// size, f16 or subgroups left off), to exercise fallback paths.
+    pub fn gpu_with_options(index: usize, options: &gpu::GpuOptions) -> Result<Device> {
+        let id = next_device_id();
+        let backend = GpuBackend::open_with(index, id, options)?;
+        let description = backend.description();
+        Ok(Device { inner: Arc::new(DeviceInner { id, backend: Backend::Gpu(backend), description }) })
+    }
+
     /// A one-line description: the adapter name and API, or the CPU and its threads.
     pub fn description(&self) -> &str {
         &self.inner.description

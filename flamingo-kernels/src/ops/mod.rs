@@ -11,6 +11,7 @@ pub mod adamw;
 pub mod attention;
 pub mod conv;
 pub mod cross_entropy;
+pub mod dequantize;
 pub mod elementwise;
 pub mod embedding;
 pub mod matmul;
