@@ -92,7 +92,7 @@ fn inspect_checkpoint(folder: &Path, limit: usize) -> anyhow::Result<()> {
     if !gates.is_empty() {
         println!("  tanh of the gates, in layer order: {}", gates.join(" "));
     }
-    for extra in ["trainer_state.json"] {
+    for extra in ["trainer.json"] {
         if folder.join(extra).exists() {
             println!("  also holds {extra}");
         }

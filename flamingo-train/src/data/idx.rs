@@ -99,15 +99,12 @@ impl FashionMnistSplit {
     }
 }
 
-/// Returns the folder where Fashion-MNIST is expected by default:
-/// `$FLAMINGO_CACHE/fashion-mnist`, or `$HOME/.cache/flamingo/fashion-mnist`
-/// when `FLAMINGO_CACHE` is unset. `None` if neither variable is set.
+/// Returns the folder where Fashion-MNIST is expected by default: the
+/// `fashion-mnist` folder of the asset cache (`$FLAMINGO_CACHE`, else
+/// `$XDG_CACHE_HOME/flamingo`, else `$HOME/.cache/flamingo`). `None` if none
+/// of those variables is set.
 pub fn default_fashion_mnist_dir() -> Option<PathBuf> {
-    let cache = match std::env::var_os("FLAMINGO_CACHE") {
-        Some(cache) => PathBuf::from(cache),
-        None => PathBuf::from(std::env::var_os("HOME")?).join(".cache/flamingo"),
-    };
-    Some(cache.join("fashion-mnist"))
+    Some(crate::config::default_cache_root()?.join("fashion-mnist"))
 }
 
 /// Greyscale images with class labels from a pair of IDX files.

@@ -38,12 +38,17 @@ pub struct VideoConfig {
     pub prompt: PromptTemplate,
 }
 
+impl VideoConfig {
+    /// Frames per clip when the configuration does not say.
+    pub const DEFAULT_FRAMES: usize = 8;
+}
+
 impl Default for VideoConfig {
     fn default() -> Self {
         VideoConfig {
             video_key: "video".to_string(),
             text_key: "text".to_string(),
-            frames: 8,
+            frames: Self::DEFAULT_FRAMES,
             prompt: PromptTemplate::default(),
         }
     }
