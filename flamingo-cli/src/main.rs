@@ -76,8 +76,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Devices => devices::run(&cli.device),
         Command::Generate(args) => generate::run(open_device(&cli.device)?, args),
-        Command::Train(args) => train::run(open_device(&cli.device)?, args),
-        Command::Eval(args) => eval::run(open_device(&cli.device)?, args),
+        Command::Train(args) => train::run(&cli.device, args),
+        Command::Eval(args) => eval::run(&cli.device, args),
         Command::Inspect(args) => inspect::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Demo(args) => demo::run(&cli.device, args),

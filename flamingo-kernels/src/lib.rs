@@ -5,6 +5,20 @@
 //! row-major and live on one device. There is no autograd: each op has a
 //! forward method and, where training needs it, a backward method that
 //! takes what the forward returned.
+//!
+//! ```
+//! use flamingo_kernels::{Device, DeviceRequest, HostTensor, Matmul};
+//!
+//! # fn main() -> flamingo_kernels::Result<()> {
+//! // `Auto` picks a hardware GPU when there is one, else the CPU backend.
+//! let device = Device::open(DeviceRequest::Cpu)?;
+//! let a = device.upload(&HostTensor::from_f32([2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0])?)?;
+//! let b = device.upload(&HostTensor::from_f32([3, 1], vec![1.0, 0.0, -1.0])?)?;
+//! let product = device.matmul(&a, &b, &Matmul::new())?;
+//! assert_eq!(product.to_host()?.to_f32(), vec![-2.0, -2.0]);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod device;
 pub mod error;

@@ -4,6 +4,20 @@
 //! measures a saved connector. Only the Perceiver Resampler, the gated
 //! cross-attention blocks and the rows of the two added tokens learn. The
 //! vision encoder and the language model stay frozen.
+//!
+//! ```no_run
+//! use flamingo_train::{train, DataConfig, DataFormat, DataSource, ModelConfig, StopFlag, TrainConfig};
+//!
+//! # fn main() -> flamingo_train::Result<()> {
+//! let model = ModelConfig::new("SmolLM2-135M-Instruct.Q4_1.gguf", "mobilenet_v2.safetensors");
+//! let data = DataConfig::new(DataSource::with_path(DataFormat::Jsonl, "captions.jsonl"));
+//! let mut config = TrainConfig::new("runs/captions", model, data);
+//! config.steps = 500;
+//! let summary = train(config, &StopFlag::new())?;
+//! println!("last loss {:?}, checkpoint {:?}", summary.last_loss, summary.last_checkpoint);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod accuracy;
 pub mod batch;

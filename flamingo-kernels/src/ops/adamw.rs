@@ -3,9 +3,12 @@
 //! In PyTorch's order: p ← p·(1 − lr·λ); m ← β₁m + (1 − β₁)g;
 //! v ← β₂v + (1 − β₂)g²; p ← p − lr · (m / (1 − β₁ᵗ)) / (√(v / (1 − β₂ᵗ)) + ε).
 
+use rayon::prelude::*;
+
 use crate::device::{Backend, Device};
 use crate::error::{value_err, Result};
 use crate::ops::elementwise::check_same_shape;
+use crate::ops::CPU_CHUNK;
 use crate::tensor::{DType, Tensor};
 
 /// Hyperparameters of one AdamW step.
@@ -49,12 +52,20 @@ impl Device {
                 let p = param.cpu_f32_mut(OP, "param")?;
                 let m = m.cpu_f32_mut(OP, "m")?;
                 let v = v.cpu_f32_mut(OP, "v")?;
-                for i in 0..p.len() {
-                    p[i] *= 1.0 - hyper.lr * hyper.weight_decay;
-                    m[i] = hyper.beta1 * m[i] + (1.0 - hyper.beta1) * g[i];
-                    v[i] = hyper.beta2 * v[i] + (1.0 - hyper.beta2) * g[i] * g[i];
-                    p[i] -= hyper.lr * (m[i] / c1) / ((v[i] / c2).sqrt() + hyper.eps);
-                }
+                // Each element is independent, so chunks update in parallel.
+                let update = |(((p, m), v), g): (((&mut [f32], &mut [f32]), &mut [f32]), &[f32])| {
+                    for i in 0..p.len() {
+                        p[i] *= 1.0 - hyper.lr * hyper.weight_decay;
+                        m[i] = hyper.beta1 * m[i] + (1.0 - hyper.beta1) * g[i];
+                        v[i] = hyper.beta2 * v[i] + (1.0 - hyper.beta2) * g[i] * g[i];
+                        p[i] -= hyper.lr * (m[i] / c1) / ((v[i] / c2).sqrt() + hyper.eps);
+                    }
+                };
+                p.par_chunks_mut(CPU_CHUNK)
+                    .zip(m.par_chunks_mut(CPU_CHUNK))
+                    .zip(v.par_chunks_mut(CPU_CHUNK))
+                    .zip(g.par_chunks(CPU_CHUNK))
+                    .for_each(update);
                 Ok(())
             }
             Backend::Gpu(gpu) => gpu.adamw_step(param, grad, m, v, hyper),
