@@ -524,6 +524,18 @@ impl DataConfig {
 }
 
 impl DataSource {
+    /// Returns the most frames one record of this source can hold: one
+    /// image for pairs and class data, `max_images` images for interleaved
+    /// documents and `max_frames` frames for a clip. Used to size the
+    /// feature cache.
+    pub fn max_frames_per_record(&self, max_images: usize, max_frames: usize) -> usize {
+        match self.format {
+            DataFormat::Interleaved => max_images,
+            DataFormat::Video => max_frames,
+            _ => 1,
+        }
+    }
+
     /// Creates a source of `format` with every optional field unset.
     pub fn new(format: DataFormat) -> Self {
         Self {

@@ -131,7 +131,9 @@ pub fn evaluate(config: &EvaluateConfig, stop: &StopFlag) -> Result<EvalReport> 
     let (source, class_names) = open_evaluation_source(&config.data, &prompt, &class_template, config.seed)?;
     let (tokens, dim) = (encoder.num_tokens(), encoder.output_dim());
     let identity = FeatureIdentity::new(vision_identity, manifest.vision_options.clone(), tokens, dim);
-    let per_record = manifest.flamingo.resampler.max_num_media as u64 * manifest.flamingo.resampler.max_num_frames as u64 * (tokens * dim * 2) as u64;
+    let resampler = &manifest.flamingo.resampler;
+    let frames_per_record = config.data.max_frames_per_record(resampler.max_num_media, resampler.max_num_frames) as u64;
+    let per_record = frames_per_record * (tokens * dim * 2) as u64;
     let mut cache = FeatureCache::open(&config.features, &identity, source.records().map(|n| n as u64 * per_record))?;
     let mut extractor = FeatureExtractor::new(encoder.clone(), device.clone(), config.features.batch_size);
 

@@ -568,13 +568,19 @@ impl Trainer {
     /// Opens the feature cache the configuration selects.
     fn open_cache(&self, split: &DataSplit) -> Result<FeatureCache> {
         let (tokens, dim) = (self.encoder.num_tokens(), self.encoder.output_dim());
-        let records: Option<usize> = match (&split.train, &split.validation) {
-            (train, Some(validation)) => train.records().zip(validation.records()).map(|(a, b)| a + b),
-            (train, None) => train.records(),
+        let (max_images, max_frames) = (self.config.model.max_images, self.config.model.max_frames);
+        let frames_of = |source: &crate::config::DataSource, records: Option<usize>| {
+            records.map(|n| (n * source.max_frames_per_record(max_images, max_frames)) as u64)
         };
-        let per_record = self.config.model.max_images as u64 * self.config.model.max_frames as u64 * (tokens * dim * 2) as u64;
+        let train_frames = frames_of(&self.config.data.train, split.train.records());
+        let frames = match (&split.validation, &self.config.data.validation) {
+            (Some(validation), Some(source)) => train_frames.zip(frames_of(source, validation.records())).map(|(a, b)| a + b),
+            (Some(validation), None) => train_frames.zip(frames_of(&self.config.data.train, validation.records())).map(|(a, b)| a + b),
+            (None, _) => train_frames,
+        };
+        let per_frame = (tokens * dim * 2) as u64;
         let identity = FeatureIdentity::new(self.backbones.vision_encoder.clone(), self.vision_options.clone(), tokens, dim);
-        FeatureCache::open(&self.config.features, &identity, records.map(|n| n as u64 * per_record))
+        FeatureCache::open(&self.config.features, &identity, frames.map(|n| n * per_frame))
     }
 
     /// Encodes indexed data up front and builds the training stream and

@@ -6,7 +6,7 @@ mod train_support;
 use std::io::Cursor as IoCursor;
 use std::path::{Path, PathBuf};
 
-use flamingo_train::{train, DataFormat, DataSource, StopFlag, StepRecord, TrainObserver, Trainer};
+use flamingo_train::{train, DataFormat, DataSource, StopFlag, Trainer};
 use train_support::*;
 
 /// PNG bytes of a generated image.

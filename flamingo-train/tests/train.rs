@@ -10,7 +10,7 @@ use std::path::Path;
 use flamingo_kernels::Device;
 use flamingo_model::flamingo::checkpoint::sha256_path;
 use flamingo_train::checkpoint::{self, read_header};
-use flamingo_train::{train, StepRecord, StopFlag, TrainError, TrainObserver, Trainer};
+use flamingo_train::{train, StopFlag, TrainError, TrainObserver, Trainer};
 use train_support::*;
 
 /// Logits of a fixed token sequence from the frozen LM alone.
