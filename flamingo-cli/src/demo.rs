@@ -143,12 +143,13 @@ pub fn run(device: &str, args: Args) -> anyhow::Result<()> {
     stop_on_ctrl_c(&stop)?;
     let summary = Trainer::new(config)?.run(&stop, &mut NoObserver)?;
     if summary.stopped {
-        let long = if args.long { " --long" } else { "" };
-        eprintln!("stopped at step {}; continue with: flamingo demo --out {} --resume{long}", summary.last_step, out.display());
+        eprintln!("stopped at step {}; continue with: flamingo demo --out {} --resume{}", summary.last_step, out.display(), recipe_flags(&args));
         return Ok(());
     }
 
-    report(&summary, args.test_per_class * 10);
+    // A resumed run measured the frozen LM before it was interrupted.
+    let baseline = summary.baseline.clone().or_else(|| read_report(&out.join("eval-start.json")));
+    report(&summary, baseline.as_ref(), args.test_per_class * 10);
     let checkpoint = summary.last_checkpoint.clone().context("the run wrote no checkpoint")?;
     few_shot(device, &checkpoint, &assets, &out)?;
     println!();
@@ -157,16 +158,16 @@ pub fn run(device: &str, args: Args) -> anyhow::Result<()> {
 }
 
 /// Prints the accuracy before and after training and some predictions.
-fn report(summary: &TrainSummary, test_images: usize) {
-    let accuracy = |report: &Option<EvalReport>| {
-        report.as_ref().and_then(|r| r.accuracy.as_ref()).map_or("not measured".to_string(), |a| {
+fn report(summary: &TrainSummary, baseline: Option<&EvalReport>, test_images: usize) {
+    let accuracy = |report: Option<&EvalReport>| {
+        report.and_then(|r| r.accuracy.as_ref()).map_or("not measured".to_string(), |a| {
             format!("{:5.1} % ({} of {})", 100.0 * a.accuracy, a.correct, a.total)
         })
     };
     println!();
     println!("Caption accuracy on {test_images} held-out Fashion-MNIST test images (the right class and no other):");
-    println!("  frozen LM alone, every gate 0 : {}", accuracy(&summary.baseline));
-    println!("  Flamingo after {:>4} steps     : {}", summary.last_step, accuracy(&summary.evaluation));
+    println!("  frozen LM alone, every gate 0 : {}", accuracy(baseline));
+    println!("  Flamingo after {:>4} steps     : {}", summary.last_step, accuracy(summary.evaluation.as_ref()));
     if let Some(ms) = summary.mean_step_ms {
         println!("  training: {:.0} ms per step, {:.0} s in all", ms, summary.train_seconds);
     }
@@ -180,6 +181,30 @@ fn report(summary: &TrainSummary, test_images: usize) {
         let mark = if example.verdict == Verdict::Correct { "right" } else { "wrong" };
         println!("  {:<12} {:<40} {mark}", example.class, format!("{:?}", example.text.trim()));
     }
+}
+
+/// Reads an evaluation report written by an earlier run, if it is there.
+fn read_report(path: &Path) -> Option<EvalReport> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+/// Returns the flags that shape the recipe, as the user gave them, for the
+/// command that continues a stopped run.
+fn recipe_flags(args: &Args) -> String {
+    let mut flags = String::new();
+    if args.long {
+        flags.push_str(" --long");
+    }
+    if let Some(steps) = args.steps {
+        flags.push_str(&format!(" --steps {steps}"));
+    }
+    if let Some(count) = args.train_per_class {
+        flags.push_str(&format!(" --train-per-class {count}"));
+    }
+    if args.test_per_class != 50 {
+        flags.push_str(&format!(" --test-per-class {}", args.test_per_class));
+    }
+    flags
 }
 
 /// Prompts the trained model with two solved test images and a third to caption.
