@@ -211,7 +211,8 @@ fn recipe_flags(args: &Args) -> String {
 fn few_shot(device: &str, checkpoint: &Path, assets: &Assets, out: &Path) -> anyhow::Result<()> {
     let test = IdxDataset::fashion_mnist(&assets.fashion_mnist, FashionMnistSplit::Test, IdxConfig::fashion_mnist())?;
     let pick = |label: u8, nth: usize| test.labels().iter().enumerate().filter(|(_, &l)| l == label).nth(nth).map(|(i, _)| i);
-    // Counted from the end of the test set, away from the 500 scored images.
+    // The 901st test image of each class in file order. The scored images
+    // are a seeded sample, so one of these may also be among them.
     let mut chosen = Vec::new();
     for label in [7u8, 8, 1] {
         let index = pick(label, 900).context("Fashion-MNIST's test set has 1000 images per class")?;
