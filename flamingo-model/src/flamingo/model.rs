@@ -166,12 +166,12 @@ impl Flamingo {
         self.store.device()
     }
 
-    /// The trainable tensors.
+    /// Returns the trainable tensors.
     pub fn params(&self) -> &ParamStore {
         &self.store
     }
 
-    /// The trainable tensors, for the optimizer and for loading checkpoints.
+    /// Returns the trainable tensors, for the optimizer and for loading checkpoints.
     pub fn params_mut(&mut self) -> &mut ParamStore {
         &mut self.store
     }
@@ -186,7 +186,7 @@ impl Flamingo {
         self.blocks.iter().enumerate().filter_map(|(i, block)| block.as_ref().map(|_| i)).collect()
     }
 
-    /// The tanh of every block's gates.
+    /// Returns the tanh of every block's gates.
     pub fn gate_values(&self) -> Result<Vec<GateValues>> {
         let mut values = Vec::new();
         for (layer, block) in self.blocks.iter().enumerate() {

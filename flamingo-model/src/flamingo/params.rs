@@ -52,12 +52,12 @@ pub struct ParamStore {
 }
 
 impl ParamStore {
-    /// An empty store whose random initialisations draw from `seed`.
+    /// Creates an empty store whose random initialisations draw from `seed`.
     pub fn new(device: &Device, seed: u64) -> Self {
         Self { device: device.clone(), params: Vec::new(), by_name: BTreeMap::new(), rng: StdRng::seed_from_u64(seed) }
     }
 
-    /// The device the tensors live on.
+    /// Returns the device the tensors live on.
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -90,17 +90,17 @@ impl ParamStore {
         Ok(id)
     }
 
-    /// The current value of a tensor.
+    /// Returns the current value of a tensor.
     pub fn value(&self, id: ParamId) -> &Tensor {
         &self.params[id.0].value
     }
 
-    /// The tensor registered as `name`.
+    /// Returns the tensor registered as `name`.
     pub fn id(&self, name: &str) -> Option<ParamId> {
         self.by_name.get(name).copied()
     }
 
-    /// The gradient of a tensor, created as zeros on first use.
+    /// Returns the gradient of a tensor, created as zeros on first use.
     pub fn grad_mut(&mut self, id: ParamId) -> Result<&mut Tensor> {
         let param = &mut self.params[id.0];
         if param.grad.is_none() {
@@ -153,17 +153,17 @@ impl ParamStore {
         }
     }
 
-    /// All tensors in registration order.
+    /// Returns all tensors in registration order.
     pub fn params(&self) -> &[Param] {
         &self.params
     }
 
-    /// All tensors in registration order, for the optimizer.
+    /// Returns all tensors in registration order, for the optimizer.
     pub fn params_mut(&mut self) -> &mut [Param] {
         &mut self.params
     }
 
-    /// The total number of trainable elements.
+    /// Returns the total number of trainable elements.
     pub fn num_elements(&self) -> usize {
         self.params.iter().map(|param| param.value.numel()).sum()
     }
