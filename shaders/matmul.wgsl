@@ -36,6 +36,19 @@
 // it only when the dimensions read that way (K for A and Bᵀ, M for Aᵀ, N for
 // B), the leading dimensions and the offsets are multiples of 4. Without it
 // every load is checked against the matrix bounds.
+//
+// With TEXTURE (always with VEC4), A and B are read from textures that the
+// host copied them into, four elements per texel (rgba32float, or
+// rgba16float for an f16 B): element e lies in texel e / 4, at column
+// (e / 4) % TEXELS_PER_ROW of row (e / 4) / TEXELS_PER_ROW. llvmpipe
+// fetches texels for all the SIMD lanes of a thread at once, while it
+// reads a storage buffer one lane and one component at a time, about
+// eight times slower for this kernel.
+//
+// With BROADCAST (only with SUBGROUPS, for `matmul_register` run as one
+// subgroup per workgroup), each lane loads THREAD_M / BROADCAST_LANES of the
+// THREAD_M quads of A a step needs, and subgroupBroadcast hands them to every
+// lane, instead of every lane loading all of them.
 
 #include "activation.wgsl"
 
@@ -72,6 +85,10 @@ override ACT: u32 = 0u;
 override REGISTER_WG: u32 = 16u;
 
 @group(0) @binding(0) var<uniform> params: Params;
+#if TEXTURE
+@group(0) @binding(1) var a_texels: texture_2d<f32>;
+@group(0) @binding(2) var b_texels: texture_2d<f32>;
+#else
 #if VEC4
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;
 #else
@@ -98,13 +115,26 @@ override REGISTER_WG: u32 = 16u;
 @group(0) @binding(2) var<storage, read> b: array<f32>;
 #endif
 #endif
+#endif
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> c: array<f32>;
 
 // Four consecutive elements of A's storage starting at element `index`
 // (a multiple of 4 with VEC4); `limit` is one past the last valid element
 // of the run they belong to, and elements at or past it read as 0.
+#if TEXTURE
+const TEXELS_PER_ROW: u32 = 4096u;
+
+fn texel_of(index: u32) -> vec2<u32> {
+    let texel = index / 4u;
+    return vec2<u32>(texel % TEXELS_PER_ROW, texel / TEXELS_PER_ROW);
+}
+#endif
+
 fn load_a4(index: u32, limit: u32) -> vec4<f32> {
+#if TEXTURE
+    return textureLoad(a_texels, texel_of(index), 0);
+#else
 #if VEC4
     return a[index / 4u];
 #else
@@ -116,8 +146,10 @@ fn load_a4(index: u32, limit: u32) -> vec4<f32> {
     }
     return v;
 #endif
+#endif
 }
 
+#if !TEXTURE
 #if !VEC4
 fn b_scalar(index: u32) -> f32 {
 #if B_F16
@@ -132,8 +164,12 @@ fn b_scalar(index: u32) -> f32 {
 #endif
 }
 #endif
+#endif
 
 fn load_b4(index: u32, limit: u32) -> vec4<f32> {
+#if TEXTURE
+    return textureLoad(b_texels, texel_of(index), 0);
+#else
 #if VEC4
 #if B_F16
 #if NATIVE_F16
@@ -154,17 +190,25 @@ fn load_b4(index: u32, limit: u32) -> vec4<f32> {
     }
     return v;
 #endif
+#endif
 }
 
 fn load_a_scalar(index: u32) -> f32 {
+#if TEXTURE
+    return load_a4(index - index % 4u, 0u)[index % 4u];
+#else
 #if VEC4
     return a[index / 4u][index % 4u];
 #else
     return a[index];
 #endif
+#endif
 }
 
 fn load_b_scalar(index: u32) -> f32 {
+#if TEXTURE
+    return load_b4(index - index % 4u, 0u)[index % 4u];
+#else
 #if VEC4
 #if B_F16
 #if NATIVE_F16
@@ -180,6 +224,7 @@ fn load_b_scalar(index: u32) -> f32 {
 #endif
 #else
     return b_scalar(index);
+#endif
 #endif
 }
 
@@ -213,7 +258,13 @@ fn store_quad(batch: u32, row: u32, col: u32, value: vec4<f32>) {
 }
 
 @compute @workgroup_size(REGISTER_WG)
-fn matmul_register(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
+fn matmul_register(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lane: u32,
+#if SUBGROUPS
+    @builtin(subgroup_invocation_id) subgroup_lane: u32,
+#endif
+) {
     let batch = wg.z;
     let row0 = wg.y * THREAD_MQ * 4u;
     let col0 = (wg.x * REGISTER_WG + lane) * THREAD_NQ * 4u;
@@ -284,6 +335,43 @@ fn matmul_register(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
         var a{Q}_{E}: vec4<f32>;
 #endfor
 #endfor
+#if BROADCAST
+        // Load j of a step (j < THREAD_M) is, for A, row j and, for Aᵀ,
+        // stored row k + j % 4 at the rows' quad j / 4. Lane L takes the
+        // loads j = S · BROADCAST_LANES + L.
+#for S in 0..BROADCAST_STEPS
+        var own{S}: vec4<f32>;
+        {
+            let j = {S}u * BROADCAST_LANES + subgroup_lane;
+            if TRANS_A {
+                let depth = k + j % 4u;
+                let stored = a_base + min(depth, params.k - 1u) * params.lda;
+                let keep = select(0.0, 1.0, depth < params.k);
+                own{S} = keep * load_a4(stored + min(row0 + j / 4u * 4u, last_row_quad), stored + params.m);
+            } else {
+                let stored = a_base + min(row0 + j, params.m - 1u) * params.lda;
+                own{S} = load_a4(stored + k, stored + params.k);
+            }
+        }
+#endfor
+        if TRANS_A {
+#for Q in 0..THREAD_MQ
+#for R in 0..4
+            let s{R}_{Q} = subgroupBroadcast(own{(4*Q+R)/BROADCAST_LANES}, {(4*Q+R)%BROADCAST_LANES}u);
+#endfor
+            a{Q}_0 = vec4<f32>(s0_{Q}.x, s1_{Q}.x, s2_{Q}.x, s3_{Q}.x);
+            a{Q}_1 = vec4<f32>(s0_{Q}.y, s1_{Q}.y, s2_{Q}.y, s3_{Q}.y);
+            a{Q}_2 = vec4<f32>(s0_{Q}.z, s1_{Q}.z, s2_{Q}.z, s3_{Q}.z);
+            a{Q}_3 = vec4<f32>(s0_{Q}.w, s1_{Q}.w, s2_{Q}.w, s3_{Q}.w);
+#endfor
+        } else {
+#for Q in 0..THREAD_MQ
+#for E in 0..4
+            a{Q}_{E} = subgroupBroadcast(own{(4*Q+E)/BROADCAST_LANES}, {(4*Q+E)%BROADCAST_LANES}u);
+#endfor
+#endfor
+        }
+#else
         if TRANS_A {
             // Stored [K, M]: four rows of the storage hold the tile's rows as quads.
 #for R in 0..4
@@ -314,6 +402,7 @@ fn matmul_register(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
 #endfor
 #endfor
         }
+#endif
 
 #for Q in 0..THREAD_MQ
 #for E in 0..4

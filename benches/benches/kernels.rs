@@ -1,5 +1,6 @@
 //! Kernel benchmarks on the CPU backend and on every wgpu adapter found:
-//! matmul (GFLOP/s), attention (GFLOP/s), softmax and LayerNorm (GB/s).
+//! matmul (GFLOP/s), attention (GFLOP/s), softmax, LayerNorm and the AdamW
+//! update (GB/s).
 //!
 //! Run with `cargo bench -p flamingo-benches --bench kernels`; add a filter
 //! such as `-- matmul/1024` to run part of it. Criterion prints matmul and
@@ -10,7 +11,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use flamingo_kernels::{gpu, AttentionMask, Device, Matmul};
+use flamingo_kernels::{gpu, AdamW, AttentionMask, DType, Device, Matmul};
 
 /// Opens the CPU backend and every adapter, each with a short label for benchmark ids.
 fn devices() -> Vec<(String, Device)> {
@@ -111,7 +112,7 @@ fn softmax_and_layernorm(c: &mut Criterion) {
         for (label, device) in &devices {
             let x = device.from_f32([rows, cols], values(rows * cols)).unwrap();
             let weight = device.full([cols], 1.0).unwrap();
-            let bias = device.zeros([cols], flamingo_kernels::DType::F32).unwrap();
+            let bias = device.zeros([cols], DType::F32).unwrap();
             group.bench_with_input(BenchmarkId::new(format!("softmax {rows}x{cols}"), label), &(), |bencher, _| {
                 bencher.iter(|| {
                     let y = device.softmax(&x).unwrap();
@@ -131,5 +132,30 @@ fn softmax_and_layernorm(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, matmul, attention, softmax_and_layernorm);
+fn adamw(c: &mut Criterion) {
+    let devices = devices();
+    let mut group = c.benchmark_group("adamw");
+    group.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
+    // 8 Mi parameters, the size of a small connector.
+    let count = 8 << 20;
+    // Each update reads the parameter, both moments and the gradient and writes the first three back.
+    group.throughput(Throughput::Bytes((7 * count * 4) as u64));
+    for (label, device) in &devices {
+        let mut param = device.from_f32([count], values(count)).unwrap();
+        let grad = device.from_f32([count], values(count)).unwrap();
+        let mut m = device.zeros([count], DType::F32).unwrap();
+        let mut v = device.zeros([count], DType::F32).unwrap();
+        let mut hyper = AdamW { lr: 1e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.01, step: 0 };
+        group.bench_with_input(BenchmarkId::new(format!("step {count}"), label), &(), |bencher, _| {
+            bencher.iter(|| {
+                hyper.step += 1;
+                device.adamw_step(&mut param, &grad, &mut m, &mut v, &hyper).unwrap();
+                device.synchronize().unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, matmul, attention, softmax_and_layernorm, adamw);
 criterion_main!(benches);

@@ -118,6 +118,65 @@ fn matmul_batched_bias_activation() {
     }
 }
 
+/// Shapes whose sizes are multiples of 4, which software adapters read
+/// through staging textures: operands over one texture row of 4096 texels,
+/// edge tiles, batches, a bias and activation, f16 weights and accumulation.
+#[test]
+fn matmul_quad_shapes() {
+    for device in devices() {
+        // 36 × 260 × 132: B holds 34,320 values, two texture rows and a part.
+        let (m, n, k) = (36, 260, 132);
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let a = random(m * k, 31);
+            let b = random(k * n, 32);
+            let a_shape = if ta { [k, m] } else { [m, k] };
+            let b_shape = if tb { [n, k] } else { [k, n] };
+            let spec = Matmul { trans_a: ta, trans_b: tb, ..Matmul::new() };
+            let c = device.matmul(&upload(device, &a_shape, &a), &upload(device, &b_shape, &b), &spec).unwrap();
+            let want = matmul64(&to_f64(&a), &to_f64(&b), m, n, k, ta, tb);
+            assert_close(device, &format!("matmul {m}x{n}x{k} ta={ta} tb={tb}"), &download(&c), &want, 1e-5);
+        }
+
+        // A batch of 3 with one B per entry, and with a shared f16 Bᵀ plus bias and GELU.
+        let (batch, m, n, k) = (3, 20, 36, 44);
+        let a = random(batch * m * k, 33);
+        let per_batch = random(batch * k * n, 34);
+        let shared = random(n * k, 35);
+        let bias = random(n, 36);
+        let a_t = upload(device, &[batch, m, k], &a);
+        let c = device.matmul(&a_t, &upload(device, &[batch, k, n], &per_batch), &Matmul::new()).unwrap();
+        let mut want = Vec::new();
+        for index in 0..batch {
+            let entry = &per_batch[index * k * n..(index + 1) * k * n];
+            want.extend(matmul64(&to_f64(&a[index * m * k..(index + 1) * m * k]), &to_f64(entry), m, n, k, false, false));
+        }
+        assert_close(device, "batched B, quad shapes", &download(&c), &want, 1e-5);
+
+        let rounded: Vec<f32> = shared.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+        let w16 = device.cast(&upload(device, &[n, k], &shared), DType::F16).unwrap();
+        let bias_t = upload(device, &[n], &bias);
+        let spec = Matmul { trans_b: true, bias: Some(&bias_t), activation: Activation::GeluTanh, ..Matmul::new() };
+        let c = device.matmul(&a_t, &w16, &spec).unwrap();
+        let mut want = Vec::new();
+        for index in 0..batch {
+            let product = matmul64(&to_f64(&a[index * m * k..(index + 1) * m * k]), &to_f64(&rounded), m, n, k, false, true);
+            want.extend(product.iter().enumerate().map(|(i, v)| act64(Activation::GeluTanh, v + bias[i % n] as f64)));
+        }
+        assert_close(device, "f16 Bᵀ with bias and GELU, quad shapes", &download(&c), &want, 1e-5);
+
+        // C += 0.5 · Aᵀ·B, the weight-gradient form.
+        let (rows, n, k) = (24, 16, 28);
+        let x = random(rows * k, 37);
+        let dy = random(rows * n, 38);
+        let start = random(n * k, 39);
+        let mut dw = upload(device, &[n, k], &start);
+        device.matmul_accumulate(&mut dw, &upload(device, &[rows, n], &dy), &upload(device, &[rows, k], &x), true, false, 0.5).unwrap();
+        let product = matmul64(&to_f64(&dy), &to_f64(&x), n, k, rows, true, false);
+        let want: Vec<f64> = product.iter().zip(&start).map(|(p, &s)| s as f64 + 0.5 * p).collect();
+        assert_close(device, "accumulate, quad shapes", &download(&dw), &want, 1e-5);
+    }
+}
+
 #[test]
 fn linear_backward_matches_finite_differences() {
     // y = x·Wᵀ + b; dx = dy·W, dW = dyᵀ·x, db = Σ dy over rows.
@@ -243,7 +302,8 @@ fn elementwise_and_broadcast() {
     for device in devices() {
         let (a, b) = (random(60, 51), random(60, 52));
         let (at, bt) = (upload(device, &[3, 4, 5], &a), upload(device, &[3, 4, 5], &b));
-        let cases: [(Binary, fn(f64, f64) -> f64); 3] = [(Binary::Add, |x, y| x + y), (Binary::Sub, |x, y| x - y), (Binary::Mul, |x, y| x * y)];
+        type Reference = fn(f64, f64) -> f64;
+        let cases: [(Binary, Reference); 3] = [(Binary::Add, |x, y| x + y), (Binary::Sub, |x, y| x - y), (Binary::Mul, |x, y| x * y)];
         for (op, f) in cases {
             let c = device.binary(&at, &bt, op).unwrap();
             let want: Vec<f64> = a.iter().zip(&b).map(|(&x, &y)| f(x as f64, y as f64)).collect();

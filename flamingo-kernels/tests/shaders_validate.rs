@@ -72,4 +72,12 @@ fn template_directives() {
     let expanded = shaders::expand("attention.wgsl", &[], &[("HEAD_DIM", 32), ("VALUE_DIM", 16)]).unwrap();
     assert!(expanded.contains("const HEAD_DIM: u32 = 32u;"), "value constants are declared");
     assert!(!expanded.lines().any(|line| line.trim_start().starts_with('#')), "no directive survives expansion");
+
+    // Braces inside #for blocks: loop variables, constants and arithmetic
+    // are replaced; anything else, such as a WGSL block, stays as written.
+    let bound = [("Q".to_string(), 3), ("E".to_string(), 2)];
+    let line = "let a{Q}_{E} = share(own{(4*Q+E)/L}, {(4*Q+E)%L}u); if x { y(); } {Z}";
+    let want = "let a3_2 = share(own1, 6u); if x { y(); } {Z}";
+    assert_eq!(shaders::substitute(line, &[("L", 8)], &bound), want);
+    assert_eq!(shaders::substitute("{Q/0}", &[], &bound), "{Q/0}", "division by zero is not an expression");
 }

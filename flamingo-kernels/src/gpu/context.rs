@@ -46,13 +46,22 @@ pub(crate) struct KernelKey {
     pub consts: Vec<(&'static str, u32)>,
     /// Pipeline-overridable constants, as f64 bit patterns so the key hashes.
     pub overrides: Vec<(&'static str, u64)>,
-    /// Access of storage bindings 1, 2, …: true for read-only.
-    pub read_only: Vec<bool>,
+    /// Kinds of bindings 1, 2, … (binding 0 is the parameter block).
+    pub bindings: Vec<BindingKind>,
+}
+
+/// The kind of one binding after the parameter block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum BindingKind {
+    /// A storage buffer, read-only or read and written.
+    Storage { read_only: bool },
+    /// A `texture_2d<f32>` read with `textureLoad`.
+    Texture,
 }
 
 impl KernelKey {
     pub(crate) fn new(file: &'static str, entry: &'static str) -> Self {
-        Self { file, entry, flags: Vec::new(), consts: Vec::new(), overrides: Vec::new(), read_only: Vec::new() }
+        Self { file, entry, flags: Vec::new(), consts: Vec::new(), overrides: Vec::new(), bindings: Vec::new() }
     }
 
     pub(crate) fn flag(mut self, flag: &'static str, on: bool) -> Self {
@@ -100,6 +109,27 @@ impl<'a> Arg<'a> {
     }
 }
 
+/// One binding of a dispatch after the parameter block.
+#[derive(Clone, Copy)]
+pub(crate) enum Binding<'a> {
+    Buffer(Arg<'a>),
+    Texture(&'a wgpu::TextureView),
+}
+
+impl Binding<'_> {
+    fn kind(&self) -> BindingKind {
+        match self {
+            Binding::Buffer(arg) => BindingKind::Storage { read_only: arg.read_only },
+            Binding::Texture(_) => BindingKind::Texture,
+        }
+    }
+}
+
+/// Texels per row of a staging texture. A tensor is copied into one as a
+/// flat run of texels: texel `t` lies at column `t % TEXELS_PER_ROW` of row
+/// `t / TEXELS_PER_ROW`. WebGPU guarantees 8192 texels per dimension.
+pub(crate) const TEXELS_PER_ROW: u32 = 4096;
+
 /// Parameters of one dispatch, written as 32-bit words in the order of the
 /// shader's uniform struct.
 #[derive(Default, Clone)]
@@ -142,7 +172,9 @@ pub(crate) struct Context {
     pub(crate) pool: Mutex<Pool>,
     uniforms: Mutex<Vec<wgpu::Buffer>>,
     modules: Mutex<HashMap<ModuleKey, wgpu::ShaderModule>>,
-    layouts: Mutex<HashMap<Vec<bool>, Arc<Layout>>>,
+    layouts: Mutex<HashMap<Vec<BindingKind>, Arc<Layout>>>,
+    /// Staging textures by slot and format (see [`Context::staging_texture`]).
+    staging: Mutex<HashMap<(u8, wgpu::TextureFormat), wgpu::Texture>>,
     pipelines: Mutex<HashMap<KernelKey, Arc<wgpu::ComputePipeline>>>,
 }
 
@@ -182,6 +214,7 @@ impl Context {
             uniforms: Mutex::new(Vec::new()),
             modules: Mutex::new(HashMap::new()),
             layouts: Mutex::new(HashMap::new()),
+            staging: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
         })
     }
@@ -228,9 +261,38 @@ impl Context {
         [max as u32, groups.div_ceil(max) as u32, 1]
     }
 
-    fn layout(&self, read_only: &[bool]) -> Arc<Layout> {
+    /// Returns a texture of `format` with at least `rows` rows of
+    /// [`TEXELS_PER_ROW`] texels, for operands copied out of buffers.
+    ///
+    /// Each slot keeps one texture, replaced by a larger one when a bigger
+    /// operand comes. A job copies into it and reads it in the same
+    /// submission, and submissions run in order, so later jobs can reuse it
+    /// (wgpu keeps a replaced texture alive until the work reading it ends).
+    pub(crate) fn staging_texture(&self, slot: u8, format: wgpu::TextureFormat, rows: u32) -> wgpu::Texture {
+        let mut staging = self.staging.lock().expect("staging texture lock");
+        if let Some(texture) = staging.get(&(slot, format)) {
+            if texture.height() >= rows {
+                return texture.clone();
+            }
+        }
+        let rows = rows.next_power_of_two().min(self.limits.max_texture_dimension_2d).max(rows);
+        let texture = self.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some("flamingo staging texture"),
+            size: wgpu::Extent3d { width: TEXELS_PER_ROW, height: rows, depth_or_array_layers: 1 },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        });
+        staging.insert((slot, format), texture.clone());
+        texture
+    }
+
+    fn layout(&self, kinds: &[BindingKind]) -> Arc<Layout> {
         let mut layouts = self.layouts.lock().expect("layout cache lock");
-        if let Some(layout) = layouts.get(read_only) {
+        if let Some(layout) = layouts.get(kinds) {
             return layout.clone();
         }
         let mut entries = vec![wgpu::BindGroupLayoutEntry {
@@ -243,15 +305,23 @@ impl Context {
             },
             count: None,
         }];
-        for (index, &read_only) in read_only.iter().enumerate() {
-            entries.push(wgpu::BindGroupLayoutEntry {
-                binding: index as u32 + 1,
-                visibility: wgpu::ShaderStages::COMPUTE,
-                ty: wgpu::BindingType::Buffer {
+        for (index, kind) in kinds.iter().enumerate() {
+            let ty = match *kind {
+                BindingKind::Storage { read_only } => wgpu::BindingType::Buffer {
                     ty: wgpu::BufferBindingType::Storage { read_only },
                     has_dynamic_offset: false,
                     min_binding_size: None,
                 },
+                BindingKind::Texture => wgpu::BindingType::Texture {
+                    sample_type: wgpu::TextureSampleType::Float { filterable: false },
+                    view_dimension: wgpu::TextureViewDimension::D2,
+                    multisampled: false,
+                },
+            };
+            entries.push(wgpu::BindGroupLayoutEntry {
+                binding: index as u32 + 1,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty,
                 count: None,
             });
         }
@@ -265,7 +335,7 @@ impl Context {
             immediate_size: 0,
         });
         let layout = Arc::new(Layout { bind_group, pipeline });
-        layouts.insert(read_only.to_vec(), layout.clone());
+        layouts.insert(kinds.to_vec(), layout.clone());
         layout
     }
 
@@ -318,7 +388,7 @@ impl Context {
             }
         };
 
-        let layout = self.layout(&key.read_only);
+        let layout = self.layout(&key.bindings);
         let constants: Vec<(&str, f64)> =
             key.overrides.iter().map(|&(name, bits)| (name, f64::from_bits(bits))).collect();
         let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -378,13 +448,19 @@ impl Job {
 
     /// Records one dispatch of the kernel `key` over `groups` workgroups.
     pub(crate) fn dispatch(&mut self, key: KernelKey, params: &Params, args: &[Arg], groups: [u32; 3]) -> Result<()> {
+        let bindings: Vec<Binding> = args.iter().map(|&arg| Binding::Buffer(arg)).collect();
+        self.dispatch_bindings(key, params, &bindings, groups)
+    }
+
+    /// Records one dispatch whose bindings may include textures.
+    pub(crate) fn dispatch_bindings(&mut self, key: KernelKey, params: &Params, bindings: &[Binding], groups: [u32; 3]) -> Result<()> {
         if groups.contains(&0) {
             return Ok(());
         }
         let mut key = key;
-        key.read_only = args.iter().map(|arg| arg.read_only).collect();
+        key.bindings = bindings.iter().map(Binding::kind).collect();
         let pipeline = self.context.pipeline(self.op, &key)?;
-        let layout = self.context.layout(&key.read_only);
+        let layout = self.context.layout(&key.bindings);
 
         let uniform = self.context.uniform();
         debug_assert!(params.0.len() * 4 <= UNIFORM_BYTES as usize, "{}: too many parameters", self.op);
@@ -393,15 +469,16 @@ impl Job {
         }
 
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
-        for (index, arg) in args.iter().enumerate() {
-            entries.push(wgpu::BindGroupEntry {
-                binding: index as u32 + 1,
-                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        for (index, binding) in bindings.iter().enumerate() {
+            let resource = match binding {
+                Binding::Buffer(arg) => wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: arg.buffer,
                     offset: arg.offset,
                     size: wgpu::BufferSize::new(arg.size),
                 }),
-            });
+                Binding::Texture(view) => wgpu::BindingResource::TextureView(view),
+            };
+            entries.push(wgpu::BindGroupEntry { binding: index as u32 + 1, resource });
         }
         let bind_group = self.context.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(key.entry),
@@ -435,6 +512,41 @@ impl Job {
         }
         let (source, target) = (source.raw().clone(), target.raw().clone());
         self.encoder().copy_buffer_to_buffer(&source, source_offset, &target, target_offset, size);
+    }
+
+    /// Records a copy of `texels` texels of `texel_bytes` each, from byte
+    /// `offset` of a buffer, into the first texels of a staging texture
+    /// (in the layout of [`Context::staging_texture`]).
+    pub(crate) fn copy_to_texture(&mut self, source: &wgpu::Buffer, offset: u64, texels: u64, texel_bytes: u64, texture: &wgpu::Texture) {
+        let row = TEXELS_PER_ROW as u64;
+        let full_rows = texels / row;
+        let remainder = texels % row;
+        let layout = |start: u64| wgpu::TexelCopyBufferLayout {
+            offset: start,
+            bytes_per_row: Some((row * texel_bytes) as u32),
+            rows_per_image: None,
+        };
+        let target = |y: u64| wgpu::TexelCopyTextureInfo {
+            texture,
+            mip_level: 0,
+            origin: wgpu::Origin3d { x: 0, y: y as u32, z: 0 },
+            aspect: wgpu::TextureAspect::All,
+        };
+        let encoder = self.encoder.as_mut().expect("a job records until it is submitted");
+        if full_rows > 0 {
+            encoder.copy_buffer_to_texture(
+                wgpu::TexelCopyBufferInfo { buffer: source, layout: layout(offset) },
+                target(0),
+                wgpu::Extent3d { width: TEXELS_PER_ROW, height: full_rows as u32, depth_or_array_layers: 1 },
+            );
+        }
+        if remainder > 0 {
+            encoder.copy_buffer_to_texture(
+                wgpu::TexelCopyBufferInfo { buffer: source, layout: layout(offset + full_rows * row * texel_bytes) },
+                target(full_rows),
+                wgpu::Extent3d { width: remainder as u32, height: 1, depth_or_array_layers: 1 },
+            );
+        }
     }
 
     /// Submits the recorded commands and reports any error they caused.

@@ -10,7 +10,10 @@
 //!   of `NAME` from 0 to BOUND − 1, replacing `{NAME}` with the value.
 //!   BOUND is a number or one of the value constants below. This unrolls
 //!   register tiles, whose private arrays some compilers (llvmpipe) would
-//!   otherwise keep in memory.
+//!   otherwise keep in memory. Inside the block, `{EXPR}` is replaced with
+//!   the value of an integer expression over loop variables, value
+//!   constants and numbers with `+ - * / %` and parentheses, such as
+//!   `{(4*Q+E)%WG}`. Braces holding anything else are left as they are.
 //!
 //! After expansion every `enable …;` line moves to the top (WGSL requires
 //! them before any declaration), followed by one `const NAME: u32 = V;` per
@@ -30,15 +33,21 @@ pub struct ShaderFile {
     pub consts: &'static [(&'static str, u32)],
     /// Whether the file is only pasted into others and has no entry points.
     pub library: bool,
+    /// Pairs (A, B): flag A may only be set together with flag B.
+    pub requires: &'static [(&'static str, &'static str)],
 }
 
 macro_rules! shader {
     ($name:literal, $consts:expr, $library:expr) => {
+        shader!($name, $consts, $library, &[])
+    };
+    ($name:literal, $consts:expr, $library:expr, $requires:expr) => {
         ShaderFile {
             name: $name,
             source: include_str!(concat!("../../../shaders/", $name)),
             consts: $consts,
             library: $library,
+            requires: $requires,
         }
     };
 }
@@ -50,7 +59,22 @@ pub const SHADER_FILES: &[ShaderFile] = &[
     shader!("f16_bits.wgsl", &[], true),
     shader!("elementwise.wgsl", &[], false),
     shader!("reduce.wgsl", &[], false),
-    shader!("matmul.wgsl", &[("THREAD_M", 4), ("THREAD_N", 4), ("THREAD_NQ", 1), ("THREAD_MQ", 1), ("TILE_M", 64), ("TILE_N", 64), ("TILE_K", 16)], false),
+    shader!(
+        "matmul.wgsl",
+        &[
+            ("THREAD_M", 4),
+            ("THREAD_N", 4),
+            ("THREAD_NQ", 1),
+            ("THREAD_MQ", 1),
+            ("TILE_M", 64),
+            ("TILE_N", 64),
+            ("TILE_K", 16),
+            ("BROADCAST_LANES", 4),
+            ("BROADCAST_STEPS", 1)
+        ],
+        false,
+        &[("TEXTURE", "VEC4"), ("BROADCAST", "SUBGROUPS")]
+    ),
     shader!("softmax.wgsl", &[], false),
     shader!("norm.wgsl", &[], false),
     shader!("attention.wgsl", &[("HEAD_DIM", 64), ("VALUE_DIM", 64)], false),
@@ -71,6 +95,13 @@ pub fn shader_file(name: &str) -> Option<&'static ShaderFile> {
 /// Expands the directives of `name` for the set `flags`, then prepends the
 /// hoisted `enable` lines and the value constants.
 pub fn expand(name: &str, flags: &[&str], consts: &[(&str, u32)]) -> Result<String, String> {
+    if let Some(file) = shader_file(name) {
+        for &(flag, needed) in file.requires {
+            if flags.contains(&flag) && !flags.contains(&needed) {
+                return Err(format!("{name}: flag {flag} needs flag {needed}"));
+            }
+        }
+    }
     let mut included = String::new();
     expand_into(name, flags, &mut included, 0)?;
     let lines: Vec<&str> = included.lines().collect();
@@ -205,15 +236,113 @@ fn unroll(name: &str, lines: &[&str], consts: &[(&str, u32)], bound: &[(String, 
         if trimmed == "#endfor" {
             return Err(format!("{name}: #endfor without #for"));
         }
-        let mut line = lines[index].to_string();
-        for (variable, value) in bound {
-            line = line.replace(&format!("{{{variable}}}"), &value.to_string());
-        }
+        let line = if bound.is_empty() { lines[index].to_string() } else { substitute(lines[index], consts, bound) };
         out.push_str(&line);
         out.push('\n');
         index += 1;
     }
     Ok(())
+}
+
+/// Replaces each `{EXPR}` of `line` whose expression evaluates with the
+/// loop variables `bound` and the value constants.
+pub fn substitute(line: &str, consts: &[(&str, u32)], bound: &[(String, u32)]) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let value = after.find('}').and_then(|close| {
+            let lookup = |name: &str| {
+                bound
+                    .iter()
+                    .rev()
+                    .find(|(variable, _)| variable == name)
+                    .map(|&(_, value)| i64::from(value))
+                    .or_else(|| consts.iter().find(|(constant, _)| *constant == name).map(|&(_, value)| i64::from(value)))
+            };
+            Expression { text: &after.as_bytes()[..close], at: 0, lookup: &lookup }.evaluate().map(|value| (value, close))
+        });
+        match value {
+            Some((value, close)) => {
+                out.push_str(&value.to_string());
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A recursive-descent reader of the integer expressions in `{…}`.
+struct Expression<'a> {
+    text: &'a [u8],
+    at: usize,
+    lookup: &'a dyn Fn(&str) -> Option<i64>,
+}
+
+impl Expression<'_> {
+    /// Returns the value of the whole text, or `None` if it is not an expression.
+    fn evaluate(mut self) -> Option<i64> {
+        let value = self.sum()?;
+        (self.at == self.text.len()).then_some(value)
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.text.get(self.at).copied()
+    }
+
+    fn sum(&mut self) -> Option<i64> {
+        let mut value = self.product()?;
+        while let Some(operator @ (b'+' | b'-')) = self.peek() {
+            self.at += 1;
+            let right = self.product()?;
+            value = if operator == b'+' { value + right } else { value - right };
+        }
+        Some(value)
+    }
+
+    fn product(&mut self) -> Option<i64> {
+        let mut value = self.atom()?;
+        while let Some(operator @ (b'*' | b'/' | b'%')) = self.peek() {
+            self.at += 1;
+            let right = self.atom()?;
+            value = match operator {
+                b'*' => value * right,
+                b'/' => value.checked_div(right)?,
+                _ => value.checked_rem(right)?,
+            };
+        }
+        Some(value)
+    }
+
+    fn atom(&mut self) -> Option<i64> {
+        if self.peek()? == b'(' {
+            self.at += 1;
+            let value = self.sum()?;
+            if self.peek()? != b')' {
+                return None;
+            }
+            self.at += 1;
+            return Some(value);
+        }
+        let start = self.at;
+        while self.peek().is_some_and(|byte| byte.is_ascii_alphanumeric() || byte == b'_') {
+            self.at += 1;
+        }
+        let word = std::str::from_utf8(&self.text[start..self.at]).ok()?;
+        if word.is_empty() {
+            return None;
+        }
+        match word.parse::<i64>() {
+            Ok(number) => Some(number),
+            Err(_) => (self.lookup)(word),
+        }
+    }
 }
 
 /// Lists the flags a file (with the files it includes) tests in `#if` lines.
@@ -254,6 +383,9 @@ pub fn all_variants() -> Vec<(&'static str, Vec<String>, Result<String, String>)
                 .map(|(_, flag)| flag.clone())
                 .collect();
             let refs: Vec<&str> = set.iter().map(String::as_str).collect();
+            if file.requires.iter().any(|&(flag, needed)| refs.contains(&flag) && !refs.contains(&needed)) {
+                continue;
+            }
             let source = expand(file.name, &refs, file.consts);
             variants.push((file.name, set, source));
         }

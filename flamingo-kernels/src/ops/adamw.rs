@@ -53,19 +53,18 @@ impl Device {
                 let m = m.cpu_f32_mut(OP, "m")?;
                 let v = v.cpu_f32_mut(OP, "v")?;
                 // Each element is independent, so chunks update in parallel.
-                let update = |(((p, m), v), g): (((&mut [f32], &mut [f32]), &mut [f32]), &[f32])| {
-                    for i in 0..p.len() {
-                        p[i] *= 1.0 - hyper.lr * hyper.weight_decay;
-                        m[i] = hyper.beta1 * m[i] + (1.0 - hyper.beta1) * g[i];
-                        v[i] = hyper.beta2 * v[i] + (1.0 - hyper.beta2) * g[i] * g[i];
-                        p[i] -= hyper.lr * (m[i] / c1) / ((v[i] / c2).sqrt() + hyper.eps);
-                    }
-                };
                 p.par_chunks_mut(CPU_CHUNK)
                     .zip(m.par_chunks_mut(CPU_CHUNK))
                     .zip(v.par_chunks_mut(CPU_CHUNK))
                     .zip(g.par_chunks(CPU_CHUNK))
-                    .for_each(update);
+                    .for_each(|(((p, m), v), g)| {
+                        for i in 0..p.len() {
+                            p[i] *= 1.0 - hyper.lr * hyper.weight_decay;
+                            m[i] = hyper.beta1 * m[i] + (1.0 - hyper.beta1) * g[i];
+                            v[i] = hyper.beta2 * v[i] + (1.0 - hyper.beta2) * g[i] * g[i];
+                            p[i] -= hyper.lr * (m[i] / c1) / ((v[i] / c2).sqrt() + hyper.eps);
+                        }
+                    });
                 Ok(())
             }
             Backend::Gpu(gpu) => gpu.adamw_step(param, grad, m, v, hyper),

@@ -52,7 +52,7 @@ impl Device {
         }
         let out_shape = x.shape[x.rank() - trailing_rank..].to_vec();
         let cols: usize = out_shape.iter().product();
-        let rows = if cols == 0 { 0 } else { x.numel() / cols };
+        let rows = x.numel().checked_div(cols).unwrap_or(0);
         match self.backend() {
             Backend::Cpu => {
                 let values = x.cpu_f32_slice(OP, "x")?;

@@ -33,7 +33,7 @@ impl Device {
     fn rope_rotate(&self, op: &'static str, x: &Tensor, positions: &Tensor, base: f32, direction: f32) -> Result<Tensor> {
         self.check_f(op, "x", x, DType::F32)?;
         self.check_f(op, "positions", positions, DType::U32)?;
-        if x.rank() != 4 || x.shape[3] % 2 != 0 {
+        if x.rank() != 4 || !x.shape[3].is_multiple_of(2) {
             return Err(shape_err!(op, "x must be [B, T, H, D] with even D, found {:?}", x.shape()));
         }
         let (batch, time, heads, head_dim) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3]);
