@@ -1,6 +1,7 @@
 //! Flamingo assembled on the tiny Llama and GPT-2 fixtures: identity at step
-//! 0, media isolation, gradients against finite differences, a toy task
-//! that needs the image, checkpoints and bad input.
+//! 0, media isolation, gradients against finite differences, a loss that
+//! skips the positions it does not read, a toy task that needs the image,
+//! checkpoints and bad input.
 
 use std::path::{Path, PathBuf};
 
@@ -172,6 +173,71 @@ fn gradients_match_finite_differences() {
                 error <= 2e-3 + 2e-2 * numeric.abs(),
                 "{name}: gradient of {param_name} along a random direction is {analytic:.6}, finite differences give {numeric:.6}"
             );
+        }
+    }
+}
+
+/// Runs one backward pass over `batch` and returns the loss and the gradient
+/// of every trainable tensor.
+fn gradients(model: &mut Flamingo, batch: &TextBatch, visual: &Tensor) -> (f32, Vec<Vec<f32>>) {
+    model.params_mut().zero_grads();
+    let loss = model.loss_and_backward(batch, visual, 1.0).unwrap().loss;
+    let grads = model.params().params().iter().map(|p| p.grad.as_ref().map(|g| g.to_vec_f32().unwrap()).unwrap_or_default()).collect();
+    (loss, grads)
+}
+
+#[test]
+fn loss_skips_the_positions_after_the_last_target() {
+    let device = Device::cpu();
+    for name in ["tiny_llama", "tiny_gpt2"] {
+        let mut model = load(&device, name);
+        set_gates(&mut model, 0.6, -0.5);
+        let batch = two_image_batch(&model, &device);
+        let visual = visual(&device, 4, 3);
+
+        // The first sample ends with a target, so its final position predicts
+        // nothing. The second is shorter, so one position is left out.
+        let cut = batch.for_loss(&device).unwrap();
+        assert_eq!(cut.tokens, batch.tokens - 1);
+        assert_eq!(cut.targets.to_vec_u32().unwrap(), batch.targets.to_vec_u32().unwrap());
+        for (b, row) in cut.host_ids.chunks(cut.tokens).enumerate() {
+            assert_eq!(row, &batch.host_ids[b * batch.tokens..][..cut.tokens]);
+        }
+
+        // Each sample's loss equals the cross-entropy of the logits of every position.
+        let logits = model.forward_logits(&batch, &visual).unwrap().to_vec_f32().unwrap();
+        let vocab = model.vocab_size();
+        let mut expected = vec![(0.0f64, 0usize); batch.batch];
+        for (&row, target) in batch.host_target_rows.iter().zip(batch.targets.to_vec_u32().unwrap()) {
+            let row_logits = &logits[row as usize * vocab..][..vocab];
+            let max = row_logits.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+            let lse = max + row_logits.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            let sample = &mut expected[row as usize / batch.tokens];
+            sample.0 += lse - row_logits[target as usize] as f64;
+            sample.1 += 1;
+        }
+        let per_sample = model.loss_per_sample(&batch, &visual).unwrap();
+        for (ours, (sum, tokens)) in per_sample.iter().zip(&expected) {
+            assert_eq!(ours.tokens, *tokens);
+            let reference = sum / *tokens as f64;
+            assert!((ours.loss as f64 - reference).abs() < 1e-5, "{name}: a sample's loss is {}, the logits of every position give {reference}", ours.loss);
+        }
+        let total: f64 = expected.iter().map(|(sum, _)| sum).sum::<f64>() / batch.num_targets as f64;
+        assert!((model.loss(&batch, &visual).unwrap().loss as f64 - total).abs() < 1e-5);
+
+        // The same batch run over every position, as before the cut, gives
+        // the same loss and gradients.
+        let mut every_position = batch.clone();
+        every_position.loss_tokens = every_position.tokens;
+        assert_eq!(every_position.for_loss(&device).unwrap().tokens, batch.tokens);
+        let (loss, grads) = gradients(&mut model, &batch, &visual);
+        let (full_loss, full_grads) = gradients(&mut model, &every_position, &visual);
+        assert!((loss - full_loss).abs() <= 1e-6 * full_loss.abs(), "{name}: loss {loss} against {full_loss} over every position");
+        for ((ours, full), param) in grads.iter().zip(&full_grads).zip(model.params().params()) {
+            assert_eq!(ours.len(), full.len());
+            for (a, b) in ours.iter().zip(full) {
+                assert!((a - b).abs() <= 1e-6 + 1e-5 * b.abs(), "{name}: gradient of {} is {a}, {b} over every position", param.name);
+            }
         }
     }
 }

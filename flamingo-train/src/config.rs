@@ -377,7 +377,8 @@ pub struct EvalSettings {
     pub accuracy: bool,
     /// Evaluate once before the first step of a fresh run, with every gate
     /// still 0: the frozen language model alone, which cannot see the
-    /// image. Written to `eval-start.json`. Default false.
+    /// image. Because the images cannot change the output, each distinct
+    /// text is evaluated once. Written to `eval-start.json`. Default false.
     pub at_start: bool,
     /// Validation samples used per evaluation, the first ones in file
     /// order; default all.

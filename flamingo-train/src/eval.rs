@@ -5,16 +5,24 @@
 //! before `{caption}`, e.g. `<image>Output:`), for several images at once,
 //! until `<|endofchunk|>` or `max_new_tokens`, and judges each caption with
 //! a [`ClassMatcher`].
+//!
+//! While every gate of the model is exactly 0 (a new connector, as in the
+//! evaluation before the first training step), each cross-attention block
+//! adds tanh(0) · (its output) = 0, so the output depends on the text alone.
+//! [`run_evaluation`] then measures the loss of each distinct text once and
+//! generates one caption for all images, which gives the report of the full
+//! evaluation in a fraction of the time.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
-use flamingo_model::flamingo::{Flamingo, GenerationConfig};
+use flamingo_model::flamingo::{Flamingo, GenerationConfig, LossOutput};
 use serde::{Deserialize, Serialize};
 
 use crate::accuracy::{ClassMatcher, Verdict};
 use crate::batch::{assemble, unfit_reason, visual_tokens};
 use crate::data::{DataError, Sample};
-use crate::error::Result;
+use crate::error::{Result, TrainError};
 use crate::extract::FeatureExtractor;
 use crate::features::FeatureCache;
 use crate::progress;
@@ -125,7 +133,10 @@ struct AccuracyTally {
     generation_seconds: f64,
 }
 
-/// Evaluates the samples `samples` yields (one epoch) in batches.
+/// Evaluates the samples `samples` yields (one epoch) in batches. When
+/// every gate of the model is exactly 0, the images cannot change the
+/// output, so this runs [`run_text_only_evaluation`]. Otherwise it runs
+/// [`run_full_evaluation`].
 pub fn run_evaluation(
     ctx: &mut EvalContext,
     samples: &mut dyn Iterator<Item = Result<Sample, DataError>>,
@@ -133,6 +144,81 @@ pub fn run_evaluation(
     options: &EvalOptions,
     step: u64,
     stop: &StopFlag,
+) -> Result<EvalReport> {
+    if gates_closed(ctx.model)? {
+        tracing::info!("every gate is 0, so the images cannot change the output and each distinct text is evaluated once");
+        return run_text_only_evaluation(ctx, samples, expected, options, step, stop);
+    }
+    run_full_evaluation(ctx, samples, expected, options, step, stop)
+}
+
+/// Evaluates every sample: the loss of each, and a caption generated from
+/// each sample's own image.
+pub fn run_full_evaluation(
+    ctx: &mut EvalContext,
+    samples: &mut dyn Iterator<Item = Result<Sample, DataError>>,
+    expected: Option<usize>,
+    options: &EvalOptions,
+    step: u64,
+    stop: &StopFlag,
+) -> Result<EvalReport> {
+    evaluate_chunks(ctx, samples, expected, options, step, stop, &mut Measure::EverySample)
+}
+
+/// Evaluates a model whose gates are all exactly 0, so that its output
+/// depends on the text alone. The loss of each distinct text is measured
+/// once and counted for every sample with that text. One caption, generated
+/// from the prompt and any sample's image, is judged against every label.
+/// The report equals that of [`run_full_evaluation`], up to float rounding
+/// in the loss and apart from the times.
+///
+/// Fails when a gate is open, because the images would then matter.
+pub fn run_text_only_evaluation(
+    ctx: &mut EvalContext,
+    samples: &mut dyn Iterator<Item = Result<Sample, DataError>>,
+    expected: Option<usize>,
+    options: &EvalOptions,
+    step: u64,
+    stop: &StopFlag,
+) -> Result<EvalReport> {
+    if !gates_closed(ctx.model)? {
+        return Err(TrainError::Config(
+            "the text-only evaluation needs every gate at exactly 0, but a gate is open, so the images change the output. Use run_evaluation, which then evaluates every sample".into(),
+        ));
+    }
+    let mut measure = Measure::TextOnly { losses: HashMap::new(), caption: None };
+    evaluate_chunks(ctx, samples, expected, options, step, stop, &mut measure)
+}
+
+/// Returns whether tanh of every gate of the model is exactly 0, so that
+/// no cross-attention block changes the text states.
+fn gates_closed(model: &Flamingo) -> Result<bool> {
+    Ok(model.gate_values()?.iter().all(|gate| gate.attention == 0.0 && gate.feed_forward == 0.0))
+}
+
+/// The measurement of each chunk of samples.
+enum Measure {
+    /// Run the model on every sample.
+    EverySample,
+    /// Run it once per distinct text, which needs every gate at 0.
+    TextOnly {
+        /// The loss of every distinct text that fits a batch.
+        losses: HashMap<String, LossOutput>,
+        /// The caption generated from the prompt, the same for every image.
+        caption: Option<String>,
+    },
+}
+
+/// Reads `samples` in chunks of `options.batch_size` and measures each
+/// chunk as `measure` selects.
+fn evaluate_chunks(
+    ctx: &mut EvalContext,
+    samples: &mut dyn Iterator<Item = Result<Sample, DataError>>,
+    expected: Option<usize>,
+    options: &EvalOptions,
+    step: u64,
+    stop: &StopFlag,
+    measure: &mut Measure,
 ) -> Result<EvalReport> {
     let started = Instant::now();
     let limit = options.max_samples.unwrap_or(usize::MAX);
@@ -165,16 +251,28 @@ pub fn run_evaluation(
             break;
         }
         read += chunk.len();
-        if !ctx.precomputed {
-            ctx.extractor.ensure(&chunk, ctx.cache)?;
-        }
 
-        let (sum, tokens) = chunk_loss(ctx, &chunk)?;
+        let (sum, tokens) = match measure {
+            Measure::EverySample => {
+                if !ctx.precomputed {
+                    ctx.extractor.ensure(&chunk, ctx.cache)?;
+                }
+                let measured = chunk_loss(ctx, &chunk)?;
+                if let Some(tally) = tally.as_mut() {
+                    score_chunk(ctx, &chunk, tally, options)?;
+                }
+                measured
+            }
+            Measure::TextOnly { losses, caption } => {
+                let measured = text_only_chunk_loss(ctx, &chunk, losses)?;
+                if let Some(tally) = tally.as_mut() {
+                    score_chunk_text_only(ctx, &chunk, tally, caption, options)?;
+                }
+                measured
+            }
+        };
         loss_sum += sum;
         loss_tokens += tokens;
-        if let Some(tally) = tally.as_mut() {
-            score_chunk(ctx, &chunk, tally, options)?;
-        }
         ctx.cache.clear_transient();
         bar.inc(chunk.len() as u64);
     }
@@ -207,6 +305,48 @@ fn chunk_loss(ctx: &mut EvalContext, chunk: &[Sample]) -> Result<(f64, usize)> {
     Ok((output.loss as f64 * output.tokens as f64, output.tokens))
 }
 
+/// Summed loss and target tokens of the samples that fit a batch, running
+/// the model only on texts not in `losses` yet (every gate is 0).
+fn text_only_chunk_loss(ctx: &mut EvalContext, chunk: &[Sample], losses: &mut HashMap<String, LossOutput>) -> Result<(f64, usize)> {
+    let limits = ctx.model.batch_limits();
+    let mut kept = Vec::with_capacity(chunk.len());
+    let mut new_samples: Vec<Sample> = Vec::new();
+    let mut new_tokens = Vec::new();
+    for sample in chunk {
+        let encoded = ctx.text.encode(ctx.model, &sample.text)?;
+        if let Some(reason) = unfit_reason(&encoded, sample.media.len(), &limits) {
+            tracing::debug!("validation sample {} is left out: {reason}", sample.id);
+            continue;
+        }
+        if !losses.contains_key(&sample.text) && !new_samples.iter().any(|new| new.text == sample.text) {
+            new_samples.push(sample.clone());
+            new_tokens.push(encoded);
+        }
+        kept.push(sample);
+    }
+
+    if !new_samples.is_empty() {
+        // Any image gives the same loss, so each new text is measured with its first sample's.
+        if !ctx.precomputed {
+            ctx.extractor.ensure(&new_samples, ctx.cache)?;
+        }
+        let refs: Vec<&Sample> = new_samples.iter().collect();
+        let batch = assemble(ctx.model, ctx.cache, &refs, new_tokens)?;
+        let outputs = ctx.model.loss_per_sample(&batch.text, &batch.visual)?;
+        for (sample, output) in new_samples.iter().zip(outputs) {
+            losses.insert(sample.text.clone(), output);
+        }
+    }
+
+    let (mut sum, mut tokens) = (0.0f64, 0usize);
+    for sample in kept {
+        let output = losses[&sample.text];
+        sum += output.loss as f64 * output.tokens as f64;
+        tokens += output.tokens;
+    }
+    Ok((sum, tokens))
+}
+
 fn accuracy_tally(ctx: &EvalContext, options: &EvalOptions) -> Result<Option<AccuracyTally>> {
     let Some(matcher) = ctx.matcher else { return Ok(None) };
     let layout = ctx.text.layout();
@@ -233,10 +373,9 @@ fn accuracy_tally(ctx: &EvalContext, options: &EvalOptions) -> Result<Option<Acc
     }))
 }
 
-/// Generates captions for the labelled single-image samples and judges them.
-fn score_chunk(ctx: &mut EvalContext, chunk: &[Sample], tally: &mut AccuracyTally, options: &EvalOptions) -> Result<()> {
-    let matcher = ctx.matcher.expect("a tally exists only with class names");
-    let classes = matcher.names().len();
+/// Selects the labelled single-image samples of `chunk`, which caption
+/// accuracy scores, with their labels, and counts the others as not scored.
+fn scored_samples<'s>(chunk: &'s [Sample], classes: usize, tally: &mut AccuracyTally) -> Vec<(&'s Sample, usize)> {
     let scored: Vec<(&Sample, usize)> = chunk
         .iter()
         .filter_map(|sample| match sample.label {
@@ -245,6 +384,13 @@ fn score_chunk(ctx: &mut EvalContext, chunk: &[Sample], tally: &mut AccuracyTall
         })
         .collect();
     tally.not_scored += (chunk.len() - scored.len()) as u64;
+    scored
+}
+
+/// Generates captions for the labelled single-image samples and judges them.
+fn score_chunk(ctx: &mut EvalContext, chunk: &[Sample], tally: &mut AccuracyTally, options: &EvalOptions) -> Result<()> {
+    let matcher = ctx.matcher.expect("a tally exists only with class names");
+    let scored = scored_samples(chunk, matcher.names().len(), tally);
     if scored.is_empty() {
         return Ok(());
     }
@@ -258,38 +404,71 @@ fn score_chunk(ctx: &mut EvalContext, chunk: &[Sample], tally: &mut AccuracyTall
     tally.generation_seconds += started.elapsed().as_secs_f64();
 
     for ((sample, label), generation) in scored.iter().zip(generations) {
-        let verdict = matcher.judge(&generation.text, *label);
-        tally.total += 1;
-        let column = match verdict {
-            Verdict::Correct => {
-                tally.correct += 1;
-                *label
-            }
-            Verdict::Wrong(class) => {
-                tally.wrong += 1;
-                class
-            }
-            Verdict::NoClass => {
-                tally.none += 1;
-                classes
-            }
-            Verdict::SeveralClasses => {
-                tally.several += 1;
-                classes + 1
-            }
-        };
-        tally.confusion[*label][column] += 1;
-        if tally.examples.len() < options.max_examples {
-            tally.examples.push(Prediction {
-                id: sample.id.clone(),
-                label: *label,
-                class: matcher.names()[*label].clone(),
-                text: generation.text,
-                verdict,
-            });
-        }
+        record_prediction(tally, matcher, sample, *label, generation.text, options);
     }
     Ok(())
+}
+
+/// Judges the caption every image gets when every gate is 0, generating it
+/// from the first scored sample's image when `caption` is still empty.
+fn score_chunk_text_only(
+    ctx: &mut EvalContext,
+    chunk: &[Sample],
+    tally: &mut AccuracyTally,
+    caption: &mut Option<String>,
+    options: &EvalOptions,
+) -> Result<()> {
+    let matcher = ctx.matcher.expect("a tally exists only with class names");
+    let scored = scored_samples(chunk, matcher.names().len(), tally);
+    let Some((first, _)) = scored.first() else {
+        return Ok(());
+    };
+
+    if caption.is_none() {
+        let started = Instant::now();
+        if !ctx.precomputed {
+            ctx.extractor.ensure(std::slice::from_ref(*first), ctx.cache)?;
+        }
+        let visual = visual_tokens(ctx.model, ctx.cache, &[*first])?;
+        let config = GenerationConfig { max_new_tokens: options.max_new_tokens, ..Default::default() };
+        let generation = ctx.model.generate(std::slice::from_ref(&tally.prompt_ids), Some(&visual), &config)?;
+        *caption = Some(generation.into_iter().next().expect("one prompt gives one generation").text);
+        tally.generation_seconds += started.elapsed().as_secs_f64();
+    }
+    let caption = caption.as_deref().expect("the caption was just generated");
+    for (sample, label) in &scored {
+        record_prediction(tally, matcher, sample, *label, caption.to_string(), options);
+    }
+    Ok(())
+}
+
+/// Judges one generated caption and adds it to the tally.
+fn record_prediction(tally: &mut AccuracyTally, matcher: &ClassMatcher, sample: &Sample, label: usize, text: String, options: &EvalOptions) {
+    let classes = matcher.names().len();
+    let verdict = matcher.judge(&text, label);
+    tally.total += 1;
+    let column = match verdict {
+        Verdict::Correct => {
+            tally.correct += 1;
+            label
+        }
+        Verdict::Wrong(class) => {
+            tally.wrong += 1;
+            class
+        }
+        Verdict::NoClass => {
+            tally.none += 1;
+            classes
+        }
+        Verdict::SeveralClasses => {
+            tally.several += 1;
+            classes + 1
+        }
+    };
+    tally.confusion[label][column] += 1;
+    if tally.examples.len() < options.max_examples {
+        tally.examples.push(Prediction { id: sample.id.clone(), label, class: matcher.names()[label].clone(), text, verdict });
+    }
 }
 
 fn finish_tally(tally: AccuracyTally, matcher: &ClassMatcher, options: &EvalOptions) -> AccuracyReport {

@@ -82,7 +82,8 @@ impl FlopModel {
 
     fn parts(&self, batch: &TextBatch, visual_shape: &[usize]) -> Parts {
         let b = batch.batch as f64;
-        let t = batch.tokens as f64;
+        // The loss runs the model on the leading positions it reads only.
+        let t = batch.loss_tokens as f64;
         let targets = batch.num_targets as f64;
         let (items, frames, tokens) = (visual_shape[0] as f64, visual_shape[1] as f64, visual_shape[2] as f64);
         let slots = items / b.max(1.0);

@@ -1,11 +1,24 @@
 //! Caption accuracy on class-caption data (IDX files written here), during
-//! training and from a saved checkpoint.
+//! training and from a saved checkpoint, and the text-only evaluation of a
+//! connector whose gates are all 0.
 
 mod train_support;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use flamingo_train::{evaluate, train, DataFormat, DataSource, EvaluateConfig, StopFlag};
+use flamingo_kernels::{Device, DeviceRequest, HostTensor};
+use flamingo_model::flamingo::{Flamingo, FlamingoConfig, ResamplerConfig};
+use flamingo_model::lm::LanguageModel;
+use flamingo_model::vision::{VisionEncoder, VisionOptions};
+use flamingo_train::accuracy::ClassMatcher;
+use flamingo_train::data::{ClassTemplate, DataError, IndexedDataset, Loader, LoaderConfig, PromptTemplate, Sample};
+use flamingo_train::eval::{run_evaluation, run_full_evaluation, run_text_only_evaluation, EvalContext, EvalOptions};
+use flamingo_train::extract::FeatureExtractor;
+use flamingo_train::features::FeatureCache;
+use flamingo_train::sources::{open_evaluation_source, Source};
+use flamingo_train::text::{CaptionLayout, TextEncoder};
+use flamingo_train::{evaluate, train, DataFormat, DataSource, EvalReport, EvaluateConfig, StopFlag};
 use train_support::*;
 
 const CLASSES: [&str; 3] = ["circle", "cross", "stripe"];
@@ -138,4 +151,85 @@ fn limit_per_class_balances_classes() {
     let sample = dataset.get(0).unwrap();
     let class = CLASSES[sample.label.unwrap() as usize];
     assert_eq!(sample.text, format!("<image>Output:A photo of a {class}.<|endofchunk|>"));
+}
+
+/// One of the evaluation entry points of `flamingo_train::eval`.
+type Evaluation = fn(
+    &mut EvalContext,
+    &mut dyn Iterator<Item = Result<Sample, DataError>>,
+    Option<usize>,
+    &EvalOptions,
+    u64,
+    &StopFlag,
+) -> flamingo_train::Result<EvalReport>;
+
+/// A new connector around the tiny fixture LM and CLIP: every gate is 0.
+fn tiny_flamingo(device: &Device, encoder: &VisionEncoder) -> Flamingo {
+    let (lm, tokenizer, special) = LanguageModel::load(device, &tiny_llama()).unwrap();
+    let config = FlamingoConfig {
+        resampler: ResamplerConfig { dim: encoder.output_dim(), depth: 1, heads: 2, dim_head: 8, num_latents: 4, ff_mult: 1, ..ResamplerConfig::default() },
+        cross_attn_every_n_layers: 1,
+        cross_attn_heads: 2,
+        cross_attn_dim_head: 8,
+        cross_attn_ff_mult: 1,
+        cross_attn_layout: Default::default(),
+    };
+    Flamingo::new(lm, tokenizer, special, config, 3).unwrap()
+}
+
+/// Evaluates `dataset` with `evaluation`, from fresh caches, with the times zeroed.
+fn evaluate_with(evaluation: Evaluation, model: &Flamingo, encoder: &Arc<VisionEncoder>, dataset: &Arc<dyn IndexedDataset>, matcher: &ClassMatcher) -> flamingo_train::Result<EvalReport> {
+    let mut cache = FeatureCache::transient(encoder.num_tokens(), encoder.output_dim());
+    let mut extractor = FeatureExtractor::new(encoder.clone(), model.device().clone(), 4);
+    let mut text = TextEncoder::new(CaptionLayout::new(&PromptTemplate::default()));
+    let mut context = EvalContext { model, cache: &mut cache, extractor: &mut extractor, text: &mut text, matcher: Some(matcher), precomputed: false };
+    let mut samples = Loader::new(dataset.clone(), LoaderConfig { shuffle: false, seed: 5 }).unwrap();
+    let options = EvalOptions { batch_size: 5, max_samples: None, accuracy: true, max_new_tokens: 4, max_examples: 20, progress_bar: false };
+    let mut report = evaluation(&mut context, &mut samples, Some(dataset.len()), &options, 0, &StopFlag::new())?;
+    report.seconds = 0.0;
+    if let Some(accuracy) = report.accuracy.as_mut() {
+        accuracy.generation_seconds = 0.0;
+    }
+    Ok(report)
+}
+
+/// Asserts that two reports are equal, the validation loss up to float rounding.
+fn assert_same_report(mut a: EvalReport, b: EvalReport) {
+    let (loss_a, loss_b) = (a.validation_loss.unwrap(), b.validation_loss.unwrap());
+    assert!((loss_a - loss_b).abs() <= 1e-5 * loss_b.abs().max(1.0), "validation loss {loss_a} against {loss_b}");
+    a.validation_loss = b.validation_loss;
+    assert_eq!(a, b);
+}
+
+#[test]
+fn closed_gates_match_full_evaluation() {
+    init_logging();
+    let dir = tempfile::tempdir().unwrap();
+    let (images, labels) = write_idx(&dir.path().join("data"), "test", 12, 100);
+    let (source, names) = open_evaluation_source(&idx_source(images, labels), PromptTemplate::DEFAULT, ClassTemplate::DEFAULT, 5).unwrap();
+    let Source::Indexed(dataset) = source else { panic!("IDX data is indexed") };
+    let matcher = ClassMatcher::new(&names.expect("IDX data has class names"));
+    let device = Device::open(DeviceRequest::Cpu).unwrap();
+    let encoder = Arc::new(VisionEncoder::load(&device, tiny_clip(), VisionOptions::default()).unwrap());
+    let mut model = tiny_flamingo(&device, &encoder);
+
+    // Every gate is 0: 12 samples with 3 distinct texts, in chunks of 5.
+    let full = evaluate_with(run_full_evaluation, &model, &encoder, &dataset, &matcher).unwrap();
+    let text_only = evaluate_with(run_text_only_evaluation, &model, &encoder, &dataset, &matcher).unwrap();
+    let chosen = evaluate_with(run_evaluation, &model, &encoder, &dataset, &matcher).unwrap();
+    assert_eq!(full.samples, 12);
+    assert_eq!(full.accuracy.as_ref().unwrap().total, 12);
+    assert_eq!(full.accuracy.as_ref().unwrap().examples.len(), 12);
+    assert_same_report(text_only, full.clone());
+    assert_same_report(chosen, full);
+
+    // One open gate lets the images matter: the shortcut returns an error, and
+    // run_evaluation takes the full path.
+    let gate = model.params().params().iter().find(|p| p.name.ends_with("attn_gate")).unwrap().name.clone();
+    model.params_mut().set(&gate, &HostTensor::from_f32(vec![1], vec![0.5]).unwrap()).unwrap();
+    let error = evaluate_with(run_text_only_evaluation, &model, &encoder, &dataset, &matcher).unwrap_err();
+    assert!(error.to_string().contains("every gate"), "{error}");
+    let full = evaluate_with(run_full_evaluation, &model, &encoder, &dataset, &matcher).unwrap();
+    let chosen = evaluate_with(run_evaluation, &model, &encoder, &dataset, &matcher).unwrap();
+    assert_eq!(chosen, full);
 }

@@ -25,6 +25,8 @@
 //! Backward uses the saved lse to rebuild the probabilities p, then with
 //! Δᵢ = Σ dout ⊙ out over the row: dv_j = Σᵢ p dout_i,
 //! ds = p (dout_i·v_j − Δᵢ), dq_i = scale Σⱼ ds k_j, dk_j = scale Σᵢ ds q_i.
+//! The CPU version computes p and ds once per query row, with dq, and keeps
+//! them for the pass over the keys that sums dk and dv.
 
 use crate::device::{Backend, Device};
 use crate::error::{shape_err, Result};
@@ -164,8 +166,24 @@ impl<'a> CpuMask<'a> {
     }
 }
 
+/// Floats of p and ds that the CPU backward pass keeps at once (64 MiB).
+/// Longer sequences are processed in blocks of query positions.
+const ATTENTION_SCRATCH: usize = 16 << 20;
+
+/// The dot product of two slices of equal length, summed in eight lanes so
+/// that the compiler can vectorise it (one running sum would make every
+/// addition wait for the previous one).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    const LANES: usize = 8;
+    let (a_lanes, b_lanes) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_lanes.remainder().iter().zip(b_lanes.remainder()).map(|(x, y)| x * y).sum();
+    let mut sums = [0.0f32; LANES];
+    for (x, y) in a_lanes.zip(b_lanes) {
+        for lane in 0..LANES {
+            sums[lane] += x[lane] * y[lane];
+        }
+    }
+    sums.iter().sum::<f32>() + tail
 }
 
 impl Device {
@@ -205,7 +223,7 @@ impl Device {
             return Err(shape_err!(OP, "dout {:?} or lse {:?} does not match the forward pass", dout.shape(), forward.lse.shape()));
         }
         match self.backend() {
-            Backend::Cpu => self.cpu_attention_backward(q, k, v, forward, dout, mask, scale, dims),
+            Backend::Cpu => self.cpu_attention_backward(q, k, v, forward, dout, mask, scale, dims, ATTENTION_SCRATCH),
             Backend::Gpu(gpu) => gpu.attention_backward(q, k, v, forward, dout, mask, scale, dims),
         }
     }
@@ -286,6 +304,7 @@ impl Device {
         mask: &AttentionMask,
         scale: f32,
         dims: AttentionDims,
+        scratch_floats: usize,
     ) -> Result<AttentionGrads> {
         const OP: &str = "attention_backward";
         let (qs, ks, vs) = (q.cpu_f32_slice(OP, "q")?, k.cpu_f32_slice(OP, "k")?, v.cpu_f32_slice(OP, "v")?);
@@ -298,45 +317,61 @@ impl Device {
         let delta: Vec<f32> = douts.chunks(dv.max(1)).zip(outs.chunks(dv.max(1))).map(|(g, o)| dot(g, o)).collect();
         let q_row = |b: usize, i: usize, h: usize| (b * tq + i) * hq + h;
         let kv_row = |b: usize, j: usize, g: usize| (b * tk + j) * hkv + g;
-        let probability = |b: usize, i: usize, h: usize, j: usize| -> f32 {
-            let lse = lses[(b * hq + h) * tq + i];
-            if lse == f32::NEG_INFINITY {
-                return 0.0;
-            }
-            let score = scale * dot(&qs[q_row(b, i, h) * d..][..d], &ks[kv_row(b, j, h / group) * d..][..d]);
-            (score - lse).exp()
-        };
 
+        // Query positions are taken in blocks, so that the scratch rows of a
+        // block stay within `scratch_floats`. One block covers the short
+        // sequences of training. A scratch row per (b, i, h) of the block
+        // holds its dq, then p and ds for every key (0 where the mask forbids
+        // the pair).
+        let width = d + 2 * tk;
+        let block = (scratch_floats / (batch * hq * width).max(1)).clamp(1, tq.max(1));
         let mut dq = vec![0.0f32; qs.len()];
-        par_rows(&mut dq, d, |row, out| {
-            let (b, i, h) = (row / (tq * hq), (row / hq) % tq, row % hq);
-            for j in (0..tk).filter(|&j| mask.allows(b, i, j)) {
-                let p = probability(b, i, h, j);
-                let value = &vs[kv_row(b, j, h / group) * dv..][..dv];
-                let ds = p * (dot(&douts[row * dv..][..dv], value) - delta[row]);
-                let key = &ks[kv_row(b, j, h / group) * d..][..d];
-                out.iter_mut().zip(key).for_each(|(o, k)| *o += scale * ds * k);
-            }
-        });
-
-        // dk and dv rows are independent per (b, j, kv head): each sums over
-        // the query heads of its group and over the queries allowed to see it.
         let mut dkv = vec![0.0f32; batch * tk * hkv * (d + dv)];
-        par_rows(&mut dkv, d + dv, |row, out| {
-            let (b, j, g) = (row / (tk * hkv), (row / hkv) % tk, row % hkv);
-            let value = &vs[row * dv..][..dv];
-            let (dk, dvalue) = out.split_at_mut(d);
-            for h in g * group..(g + 1) * group {
-                for i in (0..tq).filter(|&i| mask.allows(b, i, j)) {
-                    let p = probability(b, i, h, j);
-                    let grad_out = &douts[q_row(b, i, h) * dv..][..dv];
-                    dvalue.iter_mut().zip(grad_out).for_each(|(o, g)| *o += p * g);
-                    let ds = p * (dot(grad_out, value) - delta[q_row(b, i, h)]);
-                    let query = &qs[q_row(b, i, h) * d..][..d];
-                    dk.iter_mut().zip(query).for_each(|(o, q)| *o += scale * ds * q);
+        for start in (0..tq).step_by(block) {
+            let len = block.min(tq - start);
+            let mut scratch = vec![0.0f32; batch * len * hq * width];
+            par_rows(&mut scratch, width, |local, out| {
+                let (b, i, h) = (local / (len * hq), start + (local / hq) % len, local % hq);
+                let row = q_row(b, i, h);
+                let lse = lses[(b * hq + h) * tq + i];
+                if lse == f32::NEG_INFINITY {
+                    return;
                 }
+                let (dq, weights) = out.split_at_mut(d);
+                let (probabilities, score_grads) = weights.split_at_mut(tk);
+                let (query, grad_out) = (&qs[row * d..][..d], &douts[row * dv..][..dv]);
+                for j in (0..tk).filter(|&j| mask.allows(b, i, j)) {
+                    let key = &ks[kv_row(b, j, h / group) * d..][..d];
+                    let value = &vs[kv_row(b, j, h / group) * dv..][..dv];
+                    let p = (scale * dot(query, key) - lse).exp();
+                    let ds = p * (dot(grad_out, value) - delta[row]);
+                    dq.iter_mut().zip(key).for_each(|(o, k)| *o += scale * ds * k);
+                    probabilities[j] = p;
+                    score_grads[j] = ds;
+                }
+            });
+            for (local, chunk) in scratch.chunks(width).enumerate() {
+                let (b, i, h) = (local / (len * hq), start + (local / hq) % len, local % hq);
+                dq[q_row(b, i, h) * d..][..d].copy_from_slice(&chunk[..d]);
             }
-        });
+
+            // Each dk and dv row, one per (b, j, kv head), sums over the query
+            // heads of its group and over the block's queries allowed to see it.
+            par_rows(&mut dkv, d + dv, |row, out| {
+                let (b, j, g) = (row / (tk * hkv), (row / hkv) % tk, row % hkv);
+                let (dk, dvalue) = out.split_at_mut(d);
+                for h in g * group..(g + 1) * group {
+                    for i in (start..start + len).filter(|&i| mask.allows(b, i, j)) {
+                        let weights = &scratch[((b * len + i - start) * hq + h) * width + d..][..2 * tk];
+                        let (p, ds) = (weights[j], weights[tk + j]);
+                        let grad_out = &douts[q_row(b, i, h) * dv..][..dv];
+                        dvalue.iter_mut().zip(grad_out).for_each(|(o, g)| *o += p * g);
+                        let query = &qs[q_row(b, i, h) * d..][..d];
+                        dk.iter_mut().zip(query).for_each(|(o, q)| *o += scale * ds * q);
+                    }
+                }
+            });
+        }
         let mut dk = Vec::with_capacity(ks.len());
         let mut dvs = Vec::with_capacity(vs.len());
         for chunk in dkv.chunks(d + dv) {
@@ -350,5 +385,40 @@ impl Device {
             dk: Tensor::cpu_f32(k.shape.clone(), dk, id),
             dv: Tensor::cpu_f32(v.shape.clone(), dvs, id),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32).map(|i| ((i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) % 2000) as f32 / 1000.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn backward_in_blocks_of_queries_matches_one_block() {
+        let device = Device::cpu();
+        let (batch, tq, tk, hq, hkv, d) = (2, 7, 9, 4, 2, 6);
+        let q = device.from_f32(vec![batch, tq, hq, d], values(batch * tq * hq * d, 1)).unwrap();
+        let k = device.from_f32(vec![batch, tk, hkv, d], values(batch * tk * hkv * d, 2)).unwrap();
+        let v = device.from_f32(vec![batch, tk, hkv, d], values(batch * tk * hkv * d, 3)).unwrap();
+        let dout = device.from_f32(vec![batch, tq, hq, d], values(batch * tq * hq * d, 4)).unwrap();
+        let padding = device.from_u32(vec![batch, tk], (0..batch * tk).map(|j| (j % 5 != 1) as u32).collect()).unwrap();
+        let mask = AttentionMask { causal: true, key_padding: Some(&padding), media: None };
+        let dims = attention_dims("test", &q, &k, &v, &mask).unwrap();
+        let forward = device.attention(&q, &k, &v, &mask, 0.4).unwrap();
+
+        let whole = device.cpu_attention_backward(&q, &k, &v, &forward, &dout, &mask, 0.4, dims, usize::MAX).unwrap();
+        // A budget of one float gives blocks of a single query position.
+        let blocks = device.cpu_attention_backward(&q, &k, &v, &forward, &dout, &mask, 0.4, dims, 1).unwrap();
+        for (name, a, b) in [("dq", &whole.dq, &blocks.dq), ("dk", &whole.dk, &blocks.dk), ("dv", &whole.dv, &blocks.dv)] {
+            let (a, b) = (a.to_vec_f32().unwrap(), b.to_vec_f32().unwrap());
+            assert!(a.iter().any(|&x| x != 0.0), "{name} is all zero");
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-6 * (1.0 + x.abs()), "{name}: {x} in one block, {y} in blocks of one query");
+            }
+        }
     }
 }

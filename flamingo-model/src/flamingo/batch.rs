@@ -6,6 +6,8 @@
 //! before the first image. Cross-attention lets each token see only the
 //! latents of that image.
 
+use std::borrow::Cow;
+
 use flamingo_kernels::{Device, Tensor, IGNORE_INDEX};
 
 use crate::error::{Error, Result};
@@ -110,6 +112,13 @@ pub struct TextBatch {
     pub num_targets: usize,
     /// The ids on the host, [B·T].
     pub host_ids: Vec<u32>,
+    /// `query_media` on the host.
+    pub host_query_media: Vec<u32>,
+    /// `target_rows` on the host.
+    pub host_target_rows: Vec<u32>,
+    /// Leading positions of every row that the loss depends on, one past the
+    /// last position whose next token is a target (at least 1).
+    pub loss_tokens: usize,
 }
 
 impl TextBatch {
@@ -156,6 +165,7 @@ impl TextBatch {
 
         let num_targets = targets.len();
         let (target_rows, targets) = if num_targets == 0 { (vec![0], vec![IGNORE_INDEX]) } else { (target_rows, targets) };
+        let loss_tokens = target_rows.iter().map(|&row| row as usize % tokens + 1).max().unwrap_or(1);
         Ok(TextBatch {
             batch,
             tokens,
@@ -163,13 +173,49 @@ impl TextBatch {
             media_counts: media_counts.to_vec(),
             ids: device.from_u32(vec![batch, tokens], ids.clone())?,
             positions: device.from_u32(vec![batch, tokens], positions)?,
-            query_media: device.from_u32(vec![batch, tokens], query_media)?,
+            query_media: device.from_u32(vec![batch, tokens], query_media.clone())?,
             key_media: device.from_u32(vec![batch, slots * limits.num_latents], key_media)?,
-            target_rows: device.from_u32(vec![target_rows.len()], target_rows)?,
+            target_rows: device.from_u32(vec![target_rows.len()], target_rows.clone())?,
             targets: device.from_u32(vec![targets.len()], targets)?,
             num_targets,
             host_ids: ids,
+            host_query_media: query_media,
+            host_target_rows: target_rows,
+            loss_tokens,
         })
+    }
+
+    /// Returns the batch cut to its first `loss_tokens` positions, all that
+    /// the loss reads. The LM is causal and cross-attention works token by
+    /// token, so the state at position t depends only on positions up to t.
+    /// The positions after the last one that predicts a target (a sample's
+    /// final token, then padding) change neither the loss nor its gradients.
+    pub fn for_loss(&self, device: &Device) -> Result<Cow<'_, TextBatch>> {
+        let (batch, tokens, kept) = (self.batch, self.tokens, self.loss_tokens);
+        if kept >= tokens {
+            return Ok(Cow::Borrowed(self));
+        }
+        let rows: Vec<u32> = self.host_target_rows.iter().map(|&row| (row as usize / tokens * kept + row as usize % tokens) as u32).collect();
+        let cut = |values: &[u32]| -> Vec<u32> { values.chunks(tokens).flat_map(|row| row[..kept].iter().copied()).collect() };
+        let (ids, query_media) = (cut(&self.host_ids), cut(&self.host_query_media));
+        let positions: Vec<u32> = (0..batch * kept).map(|i| (i % kept) as u32).collect();
+        Ok(Cow::Owned(TextBatch {
+            batch,
+            tokens: kept,
+            media_slots: self.media_slots,
+            media_counts: self.media_counts.clone(),
+            ids: device.from_u32(vec![batch, kept], ids.clone())?,
+            positions: device.from_u32(vec![batch, kept], positions)?,
+            query_media: device.from_u32(vec![batch, kept], query_media.clone())?,
+            key_media: self.key_media.clone(),
+            target_rows: device.from_u32(vec![rows.len()], rows.clone())?,
+            targets: self.targets.clone(),
+            num_targets: self.num_targets,
+            host_ids: ids,
+            host_query_media: query_media,
+            host_target_rows: rows,
+            loss_tokens: kept,
+        }))
     }
 }
 

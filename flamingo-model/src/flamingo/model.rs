@@ -268,12 +268,36 @@ impl Flamingo {
 
     /// Mean loss of `batch` with its visual tokens, keeping nothing for backward.
     pub fn loss(&self, batch: &TextBatch, visual: &Tensor) -> Result<LossOutput> {
+        let batch = &*batch.for_loss(self.device())?;
         let latents = self.resample(batch.batch, visual)?;
         let hidden = self.run_layers(batch, &latents, None)?;
         let (normed, _) = self.lm.final_norm(&hidden, false)?;
         let selected = self.select_rows(batch, &normed)?;
-        let (loss_sum, _) = self.head_loss(&selected, batch, 0.0, false)?;
+        let (loss_sum, _) = self.head_loss(&selected, batch, 0.0, false, None)?;
         Ok(LossOutput { loss: loss_sum / batch.num_targets.max(1) as f32, tokens: batch.num_targets })
+    }
+
+    /// Mean loss of each sample of `batch` with its visual tokens, keeping
+    /// nothing for backward. A sample without targets gets loss 0 and 0 tokens.
+    pub fn loss_per_sample(&self, batch: &TextBatch, visual: &Tensor) -> Result<Vec<LossOutput>> {
+        let batch = &*batch.for_loss(self.device())?;
+        let latents = self.resample(batch.batch, visual)?;
+        let hidden = self.run_layers(batch, &latents, None)?;
+        let (normed, _) = self.lm.final_norm(&hidden, false)?;
+        let selected = self.select_rows(batch, &normed)?;
+        let mut losses = Vec::with_capacity(batch.num_targets);
+        self.head_loss(&selected, batch, 0.0, false, Some(&mut losses))?;
+
+        let mut sums = vec![(0.0f64, 0usize); batch.batch];
+        if batch.num_targets > 0 {
+            // Target rows index the flattened [B·T] positions, so row / T is the sample.
+            for (&row, loss) in batch.host_target_rows.iter().zip(losses) {
+                let sum = &mut sums[row as usize / batch.tokens];
+                sum.0 += loss as f64;
+                sum.1 += 1;
+            }
+        }
+        Ok(sums.into_iter().map(|(sum, tokens)| LossOutput { loss: (sum / tokens.max(1) as f64) as f32, tokens }).collect())
     }
 
     /// Runs forward and backward on `batch`, adding the gradients of the
@@ -281,6 +305,7 @@ impl Flamingo {
     /// below 1 averages gradient accumulation steps).
     pub fn loss_and_backward(&mut self, batch: &TextBatch, visual: &Tensor, loss_scale: f32) -> Result<LossOutput> {
         let device = self.device().clone();
+        let batch = &*batch.for_loss(&device)?;
         let slots = self.media_slots(batch.batch, visual)?;
         let (latents, resampler_saved) = self.resampler.forward(&self.store, visual, &slots, true)?;
         let latents = self.group_latents(batch.batch, latents)?;
@@ -290,7 +315,7 @@ impl Flamingo {
         let (normed, norm_saved) = self.lm.final_norm(&hidden, true)?;
         let selected = self.select_rows(batch, &normed)?;
         let tokens = batch.num_targets.max(1);
-        let (loss_sum, head_grads) = self.head_loss(&selected, batch, loss_scale / tokens as f32, true)?;
+        let (loss_sum, head_grads) = self.head_loss(&selected, batch, loss_scale / tokens as f32, true, None)?;
         let head_grads = head_grads.expect("backward was requested");
         self.store.accumulate(self.added_output, head_grads.dadded_output)?;
 
@@ -357,7 +382,8 @@ impl Flamingo {
 
     /// Sums the cross-entropy of the selected rows in chunks; with
     /// `backward`, also returns the gradients of `scale` times that sum.
-    fn head_loss(&self, selected: &Tensor, batch: &TextBatch, scale: f32, backward: bool) -> Result<(f32, Option<HeadGrads>)> {
+    /// `per_row`, when given, receives the cross-entropy of every row.
+    fn head_loss(&self, selected: &Tensor, batch: &TextBatch, scale: f32, backward: bool, mut per_row: Option<&mut Vec<f32>>) -> Result<(f32, Option<HeadGrads>)> {
         let device = self.device();
         let targets = batch.targets.to_vec_u32()?;
         let rows = targets.len();
@@ -371,6 +397,9 @@ impl Flamingo {
             let logits = self.logits(&hidden)?;
             let ce = device.cross_entropy(&logits, &chunk_targets)?;
             loss_sum += device.sum(&ce.losses)?.to_scalar()? as f64;
+            if let Some(per_row) = per_row.as_deref_mut() {
+                per_row.extend(ce.losses.to_vec_f32()?);
+            }
             if !backward {
                 continue;
             }
