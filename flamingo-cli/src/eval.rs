@@ -42,9 +42,9 @@ pub struct Args {
     /// Tokens generated per caption when measuring accuracy.
     #[arg(long, default_value_t = 8)]
     max_new_tokens: usize,
-    /// Samples per batch.
-    #[arg(long, default_value_t = 16)]
-    batch_size: usize,
+    /// Samples per batch (at least 1).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    batch_size: u64,
     /// Measure only the validation loss, not caption accuracy.
     #[arg(long)]
     no_accuracy: bool,
@@ -76,7 +76,7 @@ pub fn run(device: &str, args: Args) -> anyhow::Result<()> {
     config.vision_encoder = args.vision.clone();
     config.device = device.to_string();
     config.eval.max_new_tokens = args.max_new_tokens;
-    config.eval.batch_size = Some(args.batch_size);
+    config.eval.batch_size = Some(args.batch_size as usize);
     config.eval.accuracy = !args.no_accuracy;
     config.report = Some(args.report.clone());
     config.progress_bar = !args.no_progress;

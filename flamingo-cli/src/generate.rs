@@ -33,7 +33,7 @@ pub struct Args {
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 picks the most likely token every time.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Sample only among the K most likely tokens.
     #[arg(long)]
@@ -41,11 +41,11 @@ pub struct Args {
     /// Sample only among the most likely tokens whose probabilities add up to P.
     #[arg(long)]
     top_p: Option<f32>,
-    /// Beam search with this many beams (1 turns it off).
+    /// Beam search with this many beams, at most 32 (1 turns it off).
     #[arg(long, default_value_t = 1)]
     beams: usize,
     /// Beam scores are log-probabilities divided by length to this power.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     length_penalty: f32,
     /// Stop when the output contains this text (repeatable); it is cut off.
     #[arg(long = "stop")]
@@ -53,6 +53,35 @@ pub struct Args {
     /// Seed of the sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+/// The largest `--beams` value accepted; each beam keeps its own KV cache.
+const MAX_BEAMS: usize = 32;
+
+/// Rejects sampling settings that are out of range or that contradict each other.
+fn check_sampling(args: &Args) -> anyhow::Result<()> {
+    if !args.temperature.is_finite() || args.temperature < 0.0 {
+        anyhow::bail!("--temperature {} is invalid; use 0 for greedy decoding or a positive number such as 0.8", args.temperature);
+    }
+    if args.top_k == Some(0) {
+        anyhow::bail!("--top-k 0 keeps no token; use 1 or more, or leave it out");
+    }
+    if let Some(top_p) = args.top_p {
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            anyhow::bail!("--top-p {top_p} is invalid; it is a probability mass above 0 and at most 1, such as 0.9");
+        }
+    }
+    if args.beams == 0 || args.beams > MAX_BEAMS {
+        anyhow::bail!("--beams {} is invalid; use 1 (no beam search) to {MAX_BEAMS}", args.beams);
+    }
+    if !args.length_penalty.is_finite() {
+        anyhow::bail!("--length-penalty {} is invalid; use a finite number such as 1.0", args.length_penalty);
+    }
+    let sampling = args.temperature > 0.0 || args.top_k.is_some() || args.top_p.is_some();
+    if args.beams > 1 && sampling {
+        anyhow::bail!("--beams {} searches deterministically, so --temperature, --top-k and --top-p do not apply; drop them or use --beams 1", args.beams);
+    }
+    Ok(())
 }
 
 pub fn run(device: Device, args: Args) -> anyhow::Result<()> {
@@ -63,12 +92,13 @@ pub fn run(device: Device, args: Args) -> anyhow::Result<()> {
             args.images.len()
         );
     }
+    check_sampling(&args)?;
     let mut config = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
-        num_beams: args.beams.max(1),
+        num_beams: args.beams,
         length_penalty: args.length_penalty,
         stop_strings: args.stop_strings.clone(),
         suppress_tokens: Vec::new(),

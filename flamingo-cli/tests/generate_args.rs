@@ -1,0 +1,41 @@
+//! `flamingo generate` rejects sampling settings that are out of range or
+//! contradict each other, with one line naming the flag, before it loads
+//! any model.
+
+use std::process::Command;
+
+fn generate(extra: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_flamingo"))
+        .args(["--device", "cpu", "generate", "--lm", "no-such-model.gguf", "--prompt", "Hello"])
+        .args(extra)
+        .output()
+        .expect("the flamingo binary runs");
+    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn bad_sampling_settings_name_their_flag() {
+    let cases: [(&[&str], &str); 7] = [
+        (&["--temperature", "-1"], "--temperature -1 is invalid"),
+        (&["--temperature", "nan"], "--temperature NaN is invalid"),
+        (&["--top-p", "2"], "--top-p 2 is invalid"),
+        (&["--top-k", "0"], "--top-k 0 keeps no token"),
+        (&["--beams", "0"], "--beams 0 is invalid"),
+        (&["--beams", "100000"], "--beams 100000 is invalid"),
+        (&["--beams", "3", "--temperature", "0.8"], "do not apply"),
+    ];
+    for (flags, expected) in cases {
+        let (success, stderr) = generate(flags);
+        assert!(!success, "{flags:?} should fail");
+        assert!(stderr.contains(expected), "{flags:?}: expected {expected:?} in stderr, got:\n{stderr}");
+        assert!(!stderr.contains("no-such-model"), "{flags:?} was checked only after loading the model:\n{stderr}");
+    }
+}
+
+#[test]
+fn good_settings_reach_the_model_loader() {
+    // Valid settings pass the checks, so the missing model file is what fails.
+    let (success, stderr) = generate(&["--temperature", "0.8", "--top-k", "40", "--top-p", "0.9"]);
+    assert!(!success);
+    assert!(stderr.contains("no-such-model.gguf"), "expected the missing file to be named, got:\n{stderr}");
+}
