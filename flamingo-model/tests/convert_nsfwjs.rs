@@ -144,6 +144,21 @@ fn real_package_keys_and_shapes() {
 }
 
 #[test]
+fn conversion_is_byte_identical_across_runs() {
+    // Checkpoints record the encoder file's SHA-256, so converting the same
+    // package twice must give the same bytes (the header's metadata included).
+    let Some(input) = nsfwjs_dir("conversion_is_byte_identical_across_runs") else {
+        return;
+    };
+    let (_first_dir, first) = convert_into_temp(&input);
+    let (_second_dir, second) = convert_into_temp(&input);
+    let (first, second) = (fs::read(first).unwrap(), fs::read(second).unwrap());
+    assert!(first == second, "two conversions of the same package differ");
+    let file = SafeTensors::deserialize(&first).unwrap();
+    assert_eq!(file.names().len(), 260, "the sorted header still reads");
+}
+
+#[test]
 fn real_package_drops_only_classifier_head() {
     let Some(input) = nsfwjs_dir("real_package_drops_only_classifier_head") else {
         return;

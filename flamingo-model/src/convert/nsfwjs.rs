@@ -844,12 +844,40 @@ fn serialize(converted: &ConvertedModel, output: &Path) -> Result<Vec<u8>> {
     }
 
     let metadata: HashMap<String, String> = converted.metadata.clone().into_iter().collect();
-    safetensors::serialize(views, Some(metadata)).map_err(|error| {
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|error| {
         Error::format(
             output,
             format!("the safetensors file could not be serialized: {error}"),
         )
-    })
+    })?;
+    Ok(sort_header(bytes))
+}
+
+/// Rewrites the JSON header of a serialized safetensors file with its
+/// object keys sorted. `safetensors::serialize` takes the metadata as a
+/// `HashMap`, whose order changes from run to run, and the file's SHA-256,
+/// which checkpoints record, should depend only on its content. The sorted
+/// header has the same length, so the data offsets stay valid; should it
+/// not, the bytes are returned unchanged.
+fn sort_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    let Some(length) = bytes.get(..8).map(|prefix| u64::from_le_bytes(prefix.try_into().expect("eight bytes")) as usize) else {
+        return bytes;
+    };
+    let Some(header) = bytes.get(8..8 + length) else {
+        return bytes;
+    };
+    // serde_json's objects are BTreeMaps, so writing the value sorts its keys.
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(header.trim_ascii_end()) else {
+        return bytes;
+    };
+    let Ok(sorted) = serde_json::to_vec(&value) else {
+        return bytes;
+    };
+    if sorted.len() != header.trim_ascii_end().len() {
+        return bytes;
+    }
+    bytes[8..8 + sorted.len()].copy_from_slice(&sorted);
+    bytes
 }
 
 /// Writes `bytes` to a temporary file beside `output`, syncs it, then
