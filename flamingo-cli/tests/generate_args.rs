@@ -33,7 +33,7 @@ fn bad_sampling_settings_name_their_flag() {
 }
 
 #[test]
-fn good_settings_reach_the_model_loader() {
+fn valid_settings_reach_model_loader() {
     // Valid settings pass the checks, so the missing model file is what fails.
     let (success, stderr) = generate(&["--temperature", "0.8", "--top-k", "40", "--top-p", "0.9"]);
     assert!(!success);

@@ -144,10 +144,10 @@ fn real_package_keys_and_shapes() {
 }
 
 #[test]
-fn conversion_is_byte_identical_across_runs() {
+fn conversion_is_deterministic() {
     // Checkpoints record the encoder file's SHA-256, so converting the same
     // package twice must give the same bytes (the header's metadata included).
-    let Some(input) = nsfwjs_dir("conversion_is_byte_identical_across_runs") else {
+    let Some(input) = nsfwjs_dir("conversion_is_deterministic") else {
         return;
     };
     let (_first_dir, first) = convert_into_temp(&input);

@@ -187,7 +187,7 @@ fn gradients(model: &mut Flamingo, batch: &TextBatch, visual: &Tensor) -> (f32, 
 }
 
 #[test]
-fn loss_skips_the_positions_after_the_last_target() {
+fn loss_skips_positions_after_targets() {
     let device = Device::cpu();
     for name in ["tiny_llama", "tiny_gpt2"] {
         let mut model = load(&device, name);

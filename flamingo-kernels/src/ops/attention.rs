@@ -321,7 +321,7 @@ impl Device {
         // Query positions are taken in blocks, so that the scratch rows of a
         // block stay within `scratch_floats`. One block covers the short
         // sequences of training. A scratch row per (b, i, h) of the block
-        // holds its dq, then p and ds for every key (0 where the mask forbids
+        // contains its dq, then p and ds for every key (0 where the mask forbids
         // the pair).
         let width = d + 2 * tk;
         let block = (scratch_floats / (batch * hq * width).max(1)).clamp(1, tq.max(1));
@@ -398,7 +398,7 @@ mod tests {
     }
 
     #[test]
-    fn backward_in_blocks_of_queries_matches_one_block() {
+    fn blocked_backward_matches_one_block() {
         let device = Device::cpu();
         let (batch, tq, tk, hq, hkv, d) = (2, 7, 9, 4, 2, 6);
         let q = device.from_f32(vec![batch, tq, hq, d], values(batch * tq * hq * d, 1)).unwrap();

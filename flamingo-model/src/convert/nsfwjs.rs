@@ -857,13 +857,14 @@ fn serialize(converted: &ConvertedModel, output: &Path) -> Result<Vec<u8>> {
 /// object keys sorted. `safetensors::serialize` takes the metadata as a
 /// `HashMap`, whose order changes from run to run, and the file's SHA-256,
 /// which checkpoints record, should depend only on its content. The sorted
-/// header has the same length, so the data offsets stay valid; should it
+/// header has the same length, so the data offsets stay valid. If it does
 /// not, the bytes are returned unchanged.
 fn sort_header(mut bytes: Vec<u8>) -> Vec<u8> {
-    let Some(length) = bytes.get(..8).map(|prefix| u64::from_le_bytes(prefix.try_into().expect("eight bytes")) as usize) else {
+    let Some(prefix) = bytes.get(..8) else {
         return bytes;
     };
-    let Some(header) = bytes.get(8..8 + length) else {
+    let length = u64::from_le_bytes(prefix.try_into().expect("the slice has eight bytes")) as usize;
+    let Some(header) = bytes.get(8..length.saturating_add(8)) else {
         return bytes;
     };
     // serde_json's objects are BTreeMaps, so writing the value sorts its keys.
