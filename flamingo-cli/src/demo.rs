@@ -124,6 +124,9 @@ impl Recipe {
 
 pub fn run(device: &str, args: Args) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    if args.steps == Some(0) {
+        anyhow::bail!("--steps must be at least 1");
+    }
     let assets = find_assets(!args.no_fetch)?;
     let out = match &args.out {
         Some(out) => out.clone(),

@@ -84,10 +84,14 @@ impl FlamingoPipeline {
 
     /// Decodes an image file with the `image` crate.
     pub fn open_image(path: &Path) -> Result<DynamicImage> {
-        image::open(path).map_err(|e| Error::Image {
-            origin: path.display().to_string(),
-            message: format!("cannot decode the image: {e}"),
-        })
+        let message = match image::open(path) {
+            Ok(image) => return Ok(image),
+            Err(image::ImageError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                "image file not found; check the path".to_string()
+            }
+            Err(e) => format!("cannot decode the image: {e}"),
+        };
+        Err(Error::Image { origin: path.display().to_string(), message })
     }
 
     /// Visual tokens of `images`, [N, 1, tokens, width], ready for the resampler.
