@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use flamingo_train::accuracy::Verdict;
 use flamingo_train::{evaluate, DataFormat, EvalReport, EvaluateConfig, StopFlag};
 
-use crate::train::{parse_format, source_from_flag, stop_on_ctrl_c};
+use crate::train::{name_the_source, parse_format, source_from_flag, stop_on_ctrl_c};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -56,6 +56,17 @@ pub struct Args {
     no_progress: bool,
 }
 
+/// The data source keys that `flamingo eval` flags set, with their flags.
+const EVAL_FLAGS: [(&str, &str); 7] = [
+    ("data.evaluation.format", "--data-format"),
+    ("data.evaluation.path", "--data"),
+    ("data.evaluation.shards", "--data"),
+    ("data.evaluation.labels", "--labels"),
+    ("data.evaluation.class_names", "--class-names"),
+    ("data.evaluation.split", "--split"),
+    ("data.evaluation.limit_per_class", "--limit-per-class"),
+];
+
 pub fn run(device: &str, args: Args) -> anyhow::Result<()> {
     if args.data.len() > 1 && args.data_format != DataFormat::Webdataset {
         anyhow::bail!("--data is given {} times, but only webdataset takes several paths", args.data.len());
@@ -69,7 +80,7 @@ pub fn run(device: &str, args: Args) -> anyhow::Result<()> {
         data.split = Some(args.split.clone());
     }
     data.limit_per_class = args.limit_per_class;
-    data.validate("data")?;
+    data.validate("evaluation").map_err(|error| name_the_source(error, &EVAL_FLAGS, None))?;
 
     let mut config = EvaluateConfig::new(&args.checkpoint, data);
     config.language_model = args.lm.clone();

@@ -55,7 +55,7 @@ struct Cli {
     device: String,
 
     /// Log filter for stderr, e.g. info, debug, or flamingo_train=debug.
-    #[arg(long, global = true, default_value = "info")]
+    #[arg(long, global = true, default_value = "info", value_name = "FILTER", value_parser = parse_log_filter)]
     log: String,
 
     #[command(subcommand)]
@@ -83,9 +83,16 @@ enum Command {
 fn main() -> ExitCode {
     keep_freed_pages_mapped();
     let cli = Cli::parse();
+    for target in unknown_log_targets(&cli.log) {
+        // A tracing warning could be hidden by this very filter, so it goes to stderr directly.
+        eprintln!(
+            "warning: --log {target} is not a level ({LOG_LEVELS}), so only events of a module named {target} are shown; \
+             write a level such as debug, or MODULE=LEVEL such as flamingo_train=debug"
+        );
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(ansi).init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(|| LogWriter).with_target(false).with_ansi(ansi).init();
 
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,6 +113,54 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => convert::run(args),
         Command::Demo(args) => demo::run(&cli.device, args),
     }
+}
+
+/// Stderr for log lines. Each line is written with this thread's progress
+/// bar cleared, so that the bar's next redraw does not erase it.
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut result = Ok(());
+        flamingo_train::progress::above_bars(|| result = std::io::stderr().write_all(buf));
+        result.map(|()| buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// The levels a `--log` directive can name.
+const LOG_LEVELS: &str = "trace, debug, info, warn, error or off";
+
+/// Checks a `--log` filter. The error names the directive that does not
+/// parse and shows how to write one.
+fn parse_log_filter(text: &str) -> Result<String, String> {
+    let advice = format!("write a level ({LOG_LEVELS}), or MODULE=LEVEL such as flamingo_train=debug, several joined by commas");
+    for directive in text.split(',').map(str::trim).filter(|directive| !directive.is_empty()) {
+        if let Err(error) = directive.parse::<tracing_subscriber::filter::Directive>() {
+            return Err(format!("`{directive}` is not a log directive ({error}); {advice}"));
+        }
+    }
+    match tracing_subscriber::EnvFilter::builder().parse(text) {
+        Ok(_) => Ok(text.to_string()),
+        Err(error) => Err(format!("{error}; {advice}")),
+    }
+}
+
+/// Returns the bare words of a `--log` filter that are neither a level nor
+/// a module of this program or of wgpu. The filter reads such a word as a
+/// module name, so a misspelt level would hide every log line.
+fn unknown_log_targets(filter: &str) -> Vec<&str> {
+    const MODULES: [&str; 3] = ["flamingo", "wgpu", "naga"];
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|directive| !directive.is_empty() && !directive.contains(['=', '[']))
+        .filter(|word| word.parse::<tracing_subscriber::filter::LevelFilter>().is_err())
+        .filter(|word| !MODULES.iter().any(|module| word.starts_with(module)))
+        .collect()
 }
 
 /// Opens the device named by `--device`.

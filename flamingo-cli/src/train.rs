@@ -1,10 +1,10 @@
 //! `flamingo train`: train a connector from a TOML config file, from flags,
 //! or from a file with some of its values replaced by flags.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use flamingo_train::{train, DataConfig, DataFormat, DataSource, ModelConfig, StopFlag, TrainConfig};
+use flamingo_train::{train, DataConfig, DataFormat, DataSource, ModelConfig, StopFlag, TrainConfig, TrainError};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -46,7 +46,7 @@ pub struct Args {
     #[arg(long)]
     batch_size: Option<usize>,
     /// Peak learning rate (AdamW).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f32>,
     /// Seed of the initialisation, data order and validation split.
     #[arg(long)]
@@ -69,17 +69,59 @@ pub fn parse_format(text: &str) -> Result<DataFormat, String> {
 /// Builds a data source of `format` from a command-line path or pattern.
 pub fn source_from_flag(format: DataFormat, location: Option<&str>, patterns: &[String]) -> DataSource {
     let mut source = DataSource::new(format);
-    match format {
+    set_location(&mut source, location, patterns);
+    source
+}
+
+/// Points `source` at a command-line path or pattern, keeping its other fields.
+fn set_location(source: &mut DataSource, location: Option<&str>, patterns: &[String]) {
+    match source.format {
         DataFormat::Webdataset => source.shards = patterns.to_vec(),
         _ => source.path = location.map(PathBuf::from),
     }
-    source
+}
+
+/// The configuration keys that `flamingo train` flags set, with their flags.
+const TRAIN_FLAGS: [(&str, &str); 17] = [
+    ("output_dir", "--out"),
+    ("resume", "--resume"),
+    ("device", "--device"),
+    ("model.language_model", "--lm"),
+    ("model.vision_encoder", "--vision"),
+    ("data.train.format", "--data-format"),
+    ("data.train.path", "--data"),
+    ("data.train.shards", "--data"),
+    ("data.train.limit_per_class", "--limit-per-class"),
+    ("data.validation.path", "--val-data"),
+    ("data.validation.shards", "--val-data"),
+    ("steps", "--steps"),
+    ("batch_size", "--batch-size"),
+    ("optimizer.lr", "--lr"),
+    ("seed", "--seed"),
+    ("checkpoints.every", "--checkpoint-every"),
+    ("logging.progress_bar", "--no-progress"),
+];
+
+/// Rewrites a configuration error so that it names what the user typed.
+/// That is the flag when `from_flags` lists the key, else the key and the
+/// `--config` file. Without a file, it says how to set a key no flag sets.
+pub fn name_the_source(error: TrainError, from_flags: &[(&str, &str)], file: Option<&Path>) -> anyhow::Error {
+    let TrainError::Field { key, problem } = error else {
+        return error.into();
+    };
+    if let Some((_, flag)) = from_flags.iter().find(|(flagged, _)| *flagged == key) {
+        return anyhow::anyhow!("{flag} {problem}");
+    }
+    match file {
+        Some(file) => anyhow::anyhow!("{}: `{key}` {problem}", file.display()),
+        None => anyhow::anyhow!("`{key}` {problem}; no flag sets `{key}`, so write it in a TOML file and pass that with --config"),
+    }
 }
 
 /// The configuration the file and the flags describe together.
 fn build_config(device: &str, args: &Args) -> anyhow::Result<TrainConfig> {
     let mut config = match &args.config {
-        Some(path) => TrainConfig::from_toml_file(path)?,
+        Some(path) => TrainConfig::parse_toml_file(path)?,
         None => {
             let missing: Vec<&str> = [
                 ("--out", args.out.is_none()),
@@ -100,18 +142,44 @@ fn build_config(device: &str, args: &Args) -> anyhow::Result<TrainConfig> {
         }
     };
 
+    // Without a file, each value a flag can set came from that flag or is a
+    // default that is valid on its own, so an invalid one is the flag's.
+    let mut from_flags: Vec<(&str, &str)> = Vec::new();
+    let mut mark_from_flag = |key: &str| {
+        if let Some(entry) = TRAIN_FLAGS.iter().find(|(flagged, _)| *flagged == key) {
+            from_flags.push(*entry);
+        }
+    };
+    if args.config.is_none() {
+        TRAIN_FLAGS.iter().for_each(|(key, _)| mark_from_flag(*key));
+    }
+
     if let Some(out) = &args.out {
         config.output_dir = out.clone();
+        mark_from_flag("output_dir");
     }
     if let Some(lm) = &args.lm {
         config.model.language_model = lm.clone();
+        mark_from_flag("model.language_model");
     }
     if let Some(vision) = &args.vision {
         config.model.vision_encoder = vision.clone();
+        mark_from_flag("model.vision_encoder");
     }
-    if args.config.is_some() && (args.data_format.is_some() || !args.data.is_empty()) {
-        let format = args.data_format.unwrap_or(config.data.train.format);
-        config.data.train = source_from_flag(format, args.data.first().map(String::as_str), &args.data);
+    if args.config.is_some() {
+        let location = args.data.first().map(String::as_str);
+        match args.data_format {
+            // Another format reads other fields, so the file's source is replaced whole.
+            Some(format) if format != config.data.train.format => {
+                config.data.train = source_from_flag(format, location, &args.data);
+                ["data.train.format", "data.train.path", "data.train.shards"].into_iter().for_each(&mut mark_from_flag);
+            }
+            _ if !args.data.is_empty() => {
+                set_location(&mut config.data.train, location, &args.data);
+                ["data.train.path", "data.train.shards"].into_iter().for_each(&mut mark_from_flag);
+            }
+            _ => {}
+        }
     }
     if args.data.len() > 1 && config.data.train.format != DataFormat::Webdataset {
         anyhow::bail!("--data is given {} times, but only webdataset takes several paths", args.data.len());
@@ -119,24 +187,30 @@ fn build_config(device: &str, args: &Args) -> anyhow::Result<TrainConfig> {
     if let Some(val) = &args.val_data {
         let format = config.data.train.format;
         config.data.validation = Some(source_from_flag(format, Some(val), std::slice::from_ref(val)));
+        ["data.validation.path", "data.validation.shards"].into_iter().for_each(&mut mark_from_flag);
     }
     if let Some(limit) = args.limit_per_class {
         config.data.train.limit_per_class = Some(limit);
+        mark_from_flag("data.train.limit_per_class");
     }
     if args.resume {
         config.resume = true;
     }
     if device != "auto" {
         config.device = device.to_string();
+        mark_from_flag("device");
     }
     if let Some(steps) = args.steps {
         config.steps = steps;
+        mark_from_flag("steps");
     }
     if let Some(batch_size) = args.batch_size {
         config.batch_size = batch_size;
+        mark_from_flag("batch_size");
     }
     if let Some(lr) = args.lr {
         config.optimizer.lr = lr;
+        mark_from_flag("optimizer.lr");
     }
     if let Some(seed) = args.seed {
         config.seed = seed;
@@ -147,7 +221,7 @@ fn build_config(device: &str, args: &Args) -> anyhow::Result<TrainConfig> {
     if args.no_progress {
         config.logging.progress_bar = false;
     }
-    config.validate()?;
+    config.validate().map_err(|error| name_the_source(error, &from_flags, args.config.as_deref()))?;
     Ok(config)
 }
 

@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use flamingo_kernels::DeviceRequest;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{ClassTemplate, PromptTemplate};
+use crate::data::{ClassTemplate, DataError, PromptTemplate};
 use crate::error::{Result, TrainError};
 
 /// Everything a training run needs, as read from a TOML file.
@@ -565,32 +565,31 @@ impl DataSource {
         Self { path: Some(path.into()), ..Self::new(format) }
     }
 
-    /// Checks that the fields `format` needs are set and that no other field is.
+    /// Checks that the fields `format` needs are set and that no other
+    /// field is. `role` names the source in errors: a field `path` of the
+    /// role `train` is reported as `data.train.path`.
     pub fn validate(&self, role: &str) -> Result<()> {
-        let fail = |message: String| Err(TrainError::Config(format!("data.{role} ({:?}): {message}", self.format)));
-        let needs_path = !matches!(self.format, DataFormat::Webdataset | DataFormat::FashionMnist);
+        let format = self.format;
+        let fail = |field: &str, problem: String| Err(TrainError::field(format!("data.{role}.{field}"), problem));
+        let needs_path = !matches!(format, DataFormat::Webdataset | DataFormat::FashionMnist);
         if needs_path && self.path.is_none() {
-            return fail("`path` is required".into());
+            let expected_file = match format {
+                DataFormat::Csv => "the CSV file",
+                DataFormat::Idx => "the IDX image file",
+                _ => "the JSONL manifest",
+            };
+            return fail("path", format!("is required for {format} data; give {expected_file}"));
         }
-        if self.format == DataFormat::Webdataset && self.shards.is_empty() {
-            return fail("`shards` is required: list shard files or brace patterns".into());
+        if format == DataFormat::Webdataset && self.shards.is_empty() {
+            return fail("shards", "is required for webdataset data; list shard files or brace patterns".into());
         }
-        if self.format == DataFormat::Idx && self.labels.is_none() {
-            return fail("`labels` is required: the IDX label file".into());
+        if format == DataFormat::Idx && self.labels.is_none() {
+            return fail("labels", "is required for idx data; give the IDX label file".into());
         }
-        if self.format == DataFormat::Idx && self.class_names.is_none() {
-            return fail("`class_names` is required: one name per label".into());
+        if format == DataFormat::Idx && self.class_names.is_none() {
+            return fail("class_names", "is required for idx data; list one class name per label".into());
         }
 
-        let allowed: &[&str] = match self.format {
-            DataFormat::Jsonl => &["path", "image_key", "text_key", "limit"],
-            DataFormat::Csv => &["path", "image_column", "caption_column", "image_dir", "delimiter", "limit"],
-            DataFormat::Webdataset => &["shards", "caption_keys", "shuffle_buffer"],
-            DataFormat::Interleaved => &["path", "image_key", "text_key", "limit"],
-            DataFormat::Video => &["path", "image_key", "text_key", "frames", "limit"],
-            DataFormat::Idx => &["path", "labels", "class_names", "limit", "limit_per_class"],
-            DataFormat::FashionMnist => &["path", "split", "class_names", "limit", "limit_per_class"],
-        };
         let set = [
             ("path", self.path.is_some()),
             ("labels", self.labels.is_some()),
@@ -610,33 +609,91 @@ impl DataSource {
             ("limit_per_class", self.limit_per_class.is_some()),
         ];
         for (field, is_set) in set {
-            if is_set && !allowed.contains(&field) {
-                return fail(format!("`{field}` does not apply to this format; it applies to: {}", allowed.join(", ")));
+            if is_set && !format.fields().contains(&field) {
+                let formats: Vec<&str> = DataFormat::ALL.iter().filter(|other| other.fields().contains(&field)).map(|other| other.name()).collect();
+                return fail(field, format!("does not apply to {format} data, only to {} data; remove it", join_and(&formats)));
             }
         }
 
         if let Some(split) = &self.split {
             if split != "train" && split != "test" {
-                return fail(format!("`split` is {split:?}, expected \"train\" or \"test\""));
+                return fail("split", format!("is {split:?}, but it must be \"train\" or \"test\""));
             }
         }
         if let Some(delimiter) = self.delimiter {
             if !delimiter.is_ascii() {
-                return fail(format!("`delimiter` {delimiter:?} is not an ASCII character"));
+                return fail("delimiter", format!("is {delimiter:?}, but it must be one ASCII character"));
             }
         }
         if self.frames == Some(0) {
-            return fail("`frames` must be at least 1".into());
+            return fail("frames", "must be at least 1".into());
         }
-        if self.limit == Some(0) || self.limit_per_class == Some(0) {
-            return fail("`limit` and `limit_per_class` must be at least 1 when set".into());
+        if self.limit == Some(0) {
+            return fail("limit", "must be at least 1; leave it out to use every record".into());
+        }
+        if self.limit_per_class == Some(0) {
+            return fail("limit_per_class", "must be at least 1; leave it out to use every record of each class".into());
         }
         if let Some(names) = &self.class_names {
             if names.is_empty() || names.iter().any(|name| name.trim().is_empty()) {
-                return fail("`class_names` must list non-empty names".into());
+                return fail("class_names", "must list non-empty names".into());
             }
         }
         Ok(())
+    }
+}
+
+impl DataFormat {
+    /// Every format, in the order of the documentation.
+    pub const ALL: [DataFormat; 7] = [
+        DataFormat::Jsonl,
+        DataFormat::Csv,
+        DataFormat::Webdataset,
+        DataFormat::Interleaved,
+        DataFormat::Video,
+        DataFormat::Idx,
+        DataFormat::FashionMnist,
+    ];
+
+    /// Returns the name a TOML file gives the format, such as `fashion_mnist`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DataFormat::Jsonl => "jsonl",
+            DataFormat::Csv => "csv",
+            DataFormat::Webdataset => "webdataset",
+            DataFormat::Interleaved => "interleaved",
+            DataFormat::Video => "video",
+            DataFormat::Idx => "idx",
+            DataFormat::FashionMnist => "fashion_mnist",
+        }
+    }
+
+    /// Returns the [`DataSource`] fields this format reads, besides `format`.
+    pub fn fields(self) -> &'static [&'static str] {
+        match self {
+            DataFormat::Jsonl => &["path", "image_key", "text_key", "limit"],
+            DataFormat::Csv => &["path", "image_column", "caption_column", "image_dir", "delimiter", "limit"],
+            DataFormat::Webdataset => &["shards", "caption_keys", "shuffle_buffer"],
+            DataFormat::Interleaved => &["path", "image_key", "text_key", "limit"],
+            DataFormat::Video => &["path", "image_key", "text_key", "frames", "limit"],
+            DataFormat::Idx => &["path", "labels", "class_names", "limit", "limit_per_class"],
+            DataFormat::FashionMnist => &["path", "split", "class_names", "limit", "limit_per_class"],
+        }
+    }
+}
+
+impl std::fmt::Display for DataFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Joins words as English lists them: `a`, `a and b`, `a, b and c`.
+fn join_and(words: &[&str]) -> String {
+    match words {
+        [] => String::new(),
+        [only] => only.to_string(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
     }
 }
 
@@ -669,15 +726,25 @@ impl TrainConfig {
         Ok(config)
     }
 
-    /// Reads and checks a TOML file. Relative paths in it stay relative to
-    /// the working folder, as on a command line.
+    /// Reads and checks a TOML file. An invalid value is reported with the
+    /// file and the key. Relative paths in it stay relative to the working
+    /// folder, as on a command line.
     pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
-        let config: TrainConfig =
-            toml::from_str(&text).map_err(|e| TrainError::ConfigFile { path: path.to_path_buf(), message: e.to_string() })?;
-        config.validate()?;
+        let config = Self::parse_toml_file(path)?;
+        config.validate().map_err(|error| match error {
+            TrainError::Field { key, problem } => TrainError::ConfigFile { path: path.to_path_buf(), message: format!("`{key}` {problem}") },
+            other => other,
+        })?;
         Ok(config)
+    }
+
+    /// Reads a TOML file without checking its values, for a caller that
+    /// replaces some of them before it calls [`validate`](Self::validate).
+    pub fn parse_toml_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        toml::from_str(&text).map_err(|e| TrainError::ConfigFile { path: path.to_path_buf(), message: e.to_string() })
     }
 
     /// Writes the configuration as TOML.
@@ -690,18 +757,28 @@ impl TrainConfig {
         self.batch_size * self.gradient_accumulation
     }
 
-    /// Checks ranges and cross-field consistency, naming the field at fault.
+    /// Checks ranges and cross-field consistency. Each error is a
+    /// [`TrainError::Field`] that names the field at fault.
     pub fn validate(&self) -> Result<()> {
-        let fail = |message: String| Err(TrainError::Config(message));
+        let fail = |key: &str, problem: String| Err(TrainError::field(key, problem));
         if self.output_dir.as_os_str().is_empty() {
-            return fail("`output_dir` is empty".into());
+            return fail("output_dir", "is empty; give the folder for checkpoints and metrics".into());
         }
-        self.device.parse::<DeviceRequest>().map_err(|e| TrainError::Config(format!("`device`: {e}")))?;
+        if let Err(error) = self.device.parse::<DeviceRequest>() {
+            let reason = match error {
+                flamingo_kernels::Error::Device(reason) => reason,
+                other => other.to_string(),
+            };
+            return fail("device", format!("is invalid: {reason}"));
+        }
         if self.steps == 0 {
-            return fail("`steps` must be at least 1".into());
+            return fail("steps", "must be at least 1".into());
         }
-        if self.batch_size == 0 || self.gradient_accumulation == 0 {
-            return fail("`batch_size` and `gradient_accumulation` must be at least 1".into());
+        if self.batch_size == 0 {
+            return fail("batch_size", "must be at least 1".into());
+        }
+        if self.gradient_accumulation == 0 {
+            return fail("gradient_accumulation", "must be at least 1".into());
         }
 
         let m = &self.model;
@@ -719,7 +796,7 @@ impl TrainConfig {
             ("model.cross_attn_ff_mult", m.cross_attn_ff_mult),
         ];
         if let Some((name, _)) = sizes.iter().find(|(_, value)| *value == 0) {
-            return fail(format!("`{name}` must be at least 1"));
+            return fail(name, "must be at least 1".into());
         }
 
         self.data.train.validate("train")?;
@@ -727,61 +804,74 @@ impl TrainConfig {
             validation.validate("validation")?;
         }
         if !(0.0..1.0).contains(&self.data.validation_fraction) {
-            return fail(format!("`data.validation_fraction` is {}, but it must be at least 0 and below 1", self.data.validation_fraction));
+            return fail("data.validation_fraction", format!("is {}, but it must be at least 0 and below 1", self.data.validation_fraction));
         }
-        PromptTemplate::new(&self.data.prompt)?;
-        ClassTemplate::new(&self.data.class_template)?;
-        for source in std::iter::once(&self.data.train).chain(&self.data.validation) {
+        for (key, check) in [
+            ("data.prompt", PromptTemplate::new(&self.data.prompt).err()),
+            ("data.class_template", ClassTemplate::new(&self.data.class_template).err()),
+        ] {
+            match check {
+                Some(DataError::Template { template, reason }) => return fail(key, format!("is {template:?}, which is not a valid template: {reason}")),
+                Some(other) => return Err(other.into()),
+                None => {}
+            }
+        }
+        for (role, source) in std::iter::once(("train", &self.data.train)).chain(self.data.validation.as_ref().map(|source| ("validation", source))) {
             let frames = match source.format {
                 DataFormat::Video => Some(source.frames.unwrap_or(crate::data::VideoConfig::DEFAULT_FRAMES)),
                 _ => source.frames,
             };
             if let Some(frames) = frames {
                 if frames > m.max_frames {
-                    return fail(format!(
-                        "the video source samples {frames} frames per clip, but `model.max_frames` is {}; raise it to at least {frames}",
-                        m.max_frames
-                    ));
+                    return fail(
+                        "model.max_frames",
+                        format!("is {}, but data.{role} samples {frames} frames per clip; raise it to at least {frames}", m.max_frames),
+                    );
                 }
             }
         }
 
         let o = &self.optimizer;
         if !(o.lr.is_finite() && o.lr > 0.0) {
-            return fail(format!("`optimizer.lr` is {}, but it must be a positive number", o.lr));
+            return fail("optimizer.lr", format!("is {}, but it must be a positive number such as 1e-4", o.lr));
         }
-        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
-            return fail(format!("`optimizer.beta1` ({}) and `beta2` ({}) must be at least 0 and below 1", o.beta1, o.beta2));
+        for (key, beta) in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return fail(key, format!("is {beta}, but it must be at least 0 and below 1"));
+            }
         }
         if !(o.eps.is_finite() && o.eps > 0.0) {
-            return fail(format!("`optimizer.eps` is {}, but it must be positive", o.eps));
+            return fail("optimizer.eps", format!("is {}, but it must be positive", o.eps));
         }
         if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
-            return fail(format!("`optimizer.weight_decay` is {}, but it must be 0 or positive", o.weight_decay));
+            return fail("optimizer.weight_decay", format!("is {}, but it must be 0 or positive", o.weight_decay));
         }
         if !(o.max_grad_norm.is_finite() && o.max_grad_norm >= 0.0) {
-            return fail(format!("`optimizer.max_grad_norm` is {}, but it must be 0 (no clipping) or positive", o.max_grad_norm));
+            return fail("optimizer.max_grad_norm", format!("is {}, but it must be 0 (no clipping) or positive", o.max_grad_norm));
         }
         let multipliers = [
-            ("gate_lr_multiplier", o.gate_lr_multiplier),
-            ("resampler_lr_multiplier", o.resampler_lr_multiplier),
-            ("cross_attention_lr_multiplier", o.cross_attention_lr_multiplier),
-            ("token_rows_lr_multiplier", o.token_rows_lr_multiplier),
+            ("optimizer.gate_lr_multiplier", o.gate_lr_multiplier),
+            ("optimizer.resampler_lr_multiplier", o.resampler_lr_multiplier),
+            ("optimizer.cross_attention_lr_multiplier", o.cross_attention_lr_multiplier),
+            ("optimizer.token_rows_lr_multiplier", o.token_rows_lr_multiplier),
         ];
         if let Some((name, value)) = multipliers.iter().find(|(_, value)| !(value.is_finite() && *value >= 0.0)) {
-            return fail(format!("`optimizer.{name}` is {value}, but it must be 0 or positive (0 freezes the group)"));
+            return fail(name, format!("is {value}, but it must be 0 or positive (0 freezes the group)"));
         }
         if !(0.0..=1.0).contains(&self.schedule.min_lr_ratio) {
-            return fail(format!("`schedule.min_lr_ratio` is {}, but it must be between 0 and 1", self.schedule.min_lr_ratio));
+            return fail("schedule.min_lr_ratio", format!("is {}, but it must be between 0 and 1", self.schedule.min_lr_ratio));
         }
         if self.features.batch_size == 0 {
-            return fail("`features.batch_size` must be at least 1".into());
+            return fail("features.batch_size", "must be at least 1".into());
         }
         if self.logging.log_every == 0 {
-            return fail("`logging.log_every` must be at least 1".into());
+            return fail("logging.log_every", "must be at least 1".into());
         }
-        if self.eval.batch_size == Some(0) || self.eval.max_samples == Some(0) {
-            return fail("`eval.batch_size` and `eval.max_samples` must be at least 1 when set".into());
+        if self.eval.batch_size == Some(0) {
+            return fail("eval.batch_size", "must be at least 1; leave it out to use `batch_size`".into());
+        }
+        if self.eval.max_samples == Some(0) {
+            return fail("eval.max_samples", "must be at least 1; leave it out to use every validation sample".into());
         }
         Ok(())
     }

@@ -15,6 +15,13 @@ pub enum TrainError {
     #[error("invalid training configuration: {0}")]
     Config(String),
 
+    /// One configuration field is missing, out of range or does not fit
+    /// the others. `key` is the field's dotted TOML path, such as
+    /// `optimizer.lr`, and `problem` is written to follow it, so that a
+    /// command line can name its own flag in the key's place.
+    #[error("invalid training configuration: `{key}` {problem}")]
+    Field { key: String, problem: String },
+
     /// A configuration file could not be parsed.
     #[error("{}: {message}", path.display())]
     ConfigFile { path: PathBuf, message: String },
@@ -76,6 +83,11 @@ impl TrainError {
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         TrainError::Io { path: path.into(), source }
+    }
+
+    /// Builds a [`TrainError::Field`] for the field at `key`.
+    pub fn field(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        TrainError::Field { key: key.into(), problem: problem.into() }
     }
 
     /// Builds a checkpoint error for `path`.

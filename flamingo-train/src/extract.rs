@@ -269,17 +269,23 @@ pub fn precompute(
     let mut pass = extractor.stats;
     pass.frames_encoded -= before.frames_encoded;
     pass.cache_hits -= before.cache_hits;
-    progress::log(
-        bar,
-        &format!(
-            "features of {}: {} records, {} frames encoded, {} media from the cache, {:.1} s ({:.1} images/s)",
-            dataset.name(),
-            dataset.len(),
-            pass.frames_encoded,
-            pass.cache_hits,
-            started.elapsed().as_secs_f64(),
-            pass.frames_encoded as f64 / started.elapsed().as_secs_f64().max(1e-9)
-        ),
+    let plural = |n: u64, noun: &str| if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") };
+    let mut line = format!(
+        "features of {}: {}, {} encoded, {} from the cache, {:.1} s ({:.1} images/s)",
+        dataset.name(),
+        plural(dataset.len() as u64, "record"),
+        plural(pass.frames_encoded, "frame"),
+        plural(pass.cache_hits, "media item"),
+        started.elapsed().as_secs_f64(),
+        pass.frames_encoded as f64 / started.elapsed().as_secs_f64().max(1e-9)
     );
+    // Unusable records are counted when a loader skips them, at every
+    // visit; this names them once, before the first step.
+    let unusable = encoded.records.len() - encoded.usable();
+    if let Some(bad) = &first_bad {
+        let records = if unusable == 1 { "record is" } else { "records are" };
+        line.push_str(&format!("; {unusable} {records} unusable and will be skipped, the first: {bad}"));
+    }
+    progress::log(bar, &line);
     Ok(Some(encoded))
 }

@@ -157,10 +157,26 @@ pub struct Trainer {
 impl Trainer {
     /// Loads the backbones, builds the connector and the optimizer, opens
     /// the data and, when `config.resume` is set, restores the latest checkpoint.
+    ///
+    /// The output folder is created first, so that an unwritable path fails
+    /// before the backbones load. When a later step fails, a folder created
+    /// here is removed again if it is still empty. `checkpoints/` appears
+    /// with the first checkpoint.
     pub fn new(config: TrainConfig) -> Result<Self> {
         config.validate()?;
+        let output = config.output_dir.clone();
+        let created = !output.exists();
+        std::fs::create_dir_all(&output).map_err(|e| TrainError::io(&output, e))?;
+        let trainer = Self::open(config);
+        if trainer.is_err() && created {
+            // remove_dir deletes only an empty folder, so nothing written is lost.
+            let _ = std::fs::remove_dir(&output);
+        }
+        trainer
+    }
+
+    fn open(config: TrainConfig) -> Result<Self> {
         let checkpoints = config.checkpoint_dir();
-        std::fs::create_dir_all(&checkpoints).map_err(|e| TrainError::io(&checkpoints, e))?;
         let resume_from = find_resume_point(&config, &checkpoints)?;
 
         let request: DeviceRequest = config.device.parse()?;
@@ -320,10 +336,9 @@ impl Trainer {
         let json = serde_json::to_string_pretty(&summary).expect("the summary is plain data");
         write_atomically(&output.join("summary.json"), json.as_bytes())?;
         tracing::info!(
-            "finished at step {} in {:.1} s; {} bad samples skipped ({}), {} left out",
+            "finished at step {} in {:.1} s; bad samples: {}; samples left out for not fitting: {}",
             summary.last_step,
             summary.total_seconds,
-            summary.skipped.values().sum::<u64>(),
             summary.skipped_summary,
             summary.samples_left_out
         );
@@ -498,7 +513,7 @@ impl Trainer {
             matcher: self.matcher.as_ref(),
             precomputed: *precomputed,
         };
-        let report = run.bar.suspend(|| run_evaluation(&mut context, &mut *samples, expected, &options, run.step, stop))?;
+        let report = progress::suspend(&run.bar, || run_evaluation(&mut context, &mut *samples, expected, &options, run.step, stop))?;
 
         let accuracy = report.accuracy.as_ref().map(|a| a.accuracy);
         let mut line = format!("eval step {}: {} samples", run.step, report.samples);
@@ -909,10 +924,12 @@ fn find_resume_point(config: &TrainConfig, checkpoints: &Path) -> Result<Option<
     let latest = checkpoint::latest(checkpoints)?;
     match (config.resume, latest) {
         (true, Some((_, path))) => Ok(Some(path)),
-        (true, None) => Err(TrainError::checkpoint(checkpoints, "there is no checkpoint to resume from; start without resume")),
+        (true, None) => Err(TrainError::checkpoint(checkpoints, "there is no checkpoint to resume from; start without --resume, or with `resume = false` in the file")),
         (false, Some((step, _))) => Err(TrainError::checkpoint(
             checkpoints,
-            format!("the folder already holds checkpoints up to step {step}; resume that run (resume = true, or --resume) or choose another output_dir"),
+            format!(
+                "the folder already holds checkpoints up to step {step}; resume that run (--resume, or `resume = true` in the file) or choose another output folder (--out, or `output_dir`)"
+            ),
         )),
         (false, None) => Ok(None),
     }

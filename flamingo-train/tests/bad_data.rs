@@ -70,6 +70,8 @@ fn dataset_of_broken_images_fails_clearly() {
     assert!(message.contains("no usable samples"), "{message}");
     assert!(message.contains("every one of 3 records failed to decode"), "{message}");
     assert!(message.contains("undecodable image"), "the message names the first failure: {message}");
+    assert!(dir.path().join("run/config.toml").is_file(), "the run got as far as writing its configuration");
+    assert!(!dir.path().join("run/checkpoints").exists(), "a run that fails before its first checkpoint leaves no checkpoints folder");
 }
 
 #[test]
@@ -91,4 +93,5 @@ fn missing_manifest_names_the_path() {
     let config = tiny_config(&dir.path().join("run"), &manifest);
     let message = train(config, &StopFlag::new()).unwrap_err().to_string();
     assert!(message.contains("absent.jsonl"), "{message}");
+    assert!(!dir.path().join("run").exists(), "the output folder the failed run created is removed again while empty");
 }

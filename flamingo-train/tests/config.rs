@@ -1,7 +1,7 @@
 //! Reading `TrainConfig` from TOML: defaults, every section, and errors
 //! that name the field.
 
-use flamingo_train::{CacheMode, DataFormat, DecayKind, TrainConfig};
+use flamingo_train::{CacheMode, DataFormat, DecayKind, TrainConfig, TrainError};
 
 const MINIMAL: &str = r#"
 output_dir = "runs/fashion"
@@ -123,13 +123,13 @@ fn typo_is_rejected() {
 #[test]
 fn field_of_another_format_is_rejected() {
     let message = error_of(&MINIMAL.replace("limit_per_class = 1000", "shards = [\"a.tar\"]"));
-    assert!(message.contains("`shards` does not apply"), "{message}");
+    assert!(message.contains("`data.train.shards` does not apply to fashion_mnist data, only to webdataset data"), "{message}");
 }
 
 #[test]
 fn missing_path_is_rejected() {
     let message = error_of(&MINIMAL.replace("format = \"fashion_mnist\"\nlimit_per_class = 1000", "format = \"jsonl\""));
-    assert!(message.contains("`path` is required"), "{message}");
+    assert!(message.contains("`data.train.path` is required for jsonl data"), "{message}");
 }
 
 #[test]
@@ -169,4 +169,28 @@ fn file_errors_name_the_file() {
     assert!(message.contains("train.toml"), "{message}");
     let message = TrainConfig::from_toml_file(dir.path().join("absent.toml")).unwrap_err().to_string();
     assert!(message.contains("absent.toml"), "{message}");
+
+    std::fs::write(&path, format!("steps = 0\n{MINIMAL}")).unwrap();
+    let message = TrainConfig::from_toml_file(&path).unwrap_err().to_string();
+    assert!(message.contains("train.toml: `steps` must be at least 1"), "an invalid value names the file and the key: {message}");
+}
+
+#[test]
+fn invalid_values_carry_their_key() {
+    let config = TrainConfig::from_toml_str(MINIMAL).unwrap();
+    let mut invalid = config.clone();
+    invalid.optimizer.lr = -1.0;
+    match invalid.validate().unwrap_err() {
+        TrainError::Field { key, problem } => {
+            assert_eq!(key, "optimizer.lr");
+            assert!(problem.starts_with("is -1"), "{problem}");
+        }
+        other => panic!("expected a field error, got {other}"),
+    }
+    let mut invalid = config;
+    invalid.data.train.limit_per_class = Some(0);
+    match invalid.validate().unwrap_err() {
+        TrainError::Field { key, .. } => assert_eq!(key, "data.train.limit_per_class"),
+        other => panic!("expected a field error, got {other}"),
+    }
 }

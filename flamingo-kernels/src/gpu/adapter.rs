@@ -84,11 +84,27 @@ pub struct GpuOptions {
 
 impl GpuOptions {
     /// Reads the options from the `FLAMINGO_GPU_*` environment variables.
+    /// A value that does not parse is logged as a warning and ignored.
     pub fn from_env() -> Self {
-        let flag = |name: &str| std::env::var(name).is_ok_and(|value| value == "1");
-        let max_storage_binding = std::env::var("FLAMINGO_GPU_MAX_BINDING")
-            .ok()
-            .and_then(|value| value.trim().parse::<u64>().ok());
+        let flag = |name: &str| match std::env::var(name) {
+            Ok(value) if value == "1" => true,
+            Ok(value) if value.is_empty() || value == "0" => false,
+            Ok(value) => {
+                tracing::warn!("{name}={value:?} is ignored: the flag takes effect only when set to 1");
+                false
+            }
+            Err(_) => false,
+        };
+        let max_storage_binding = match std::env::var("FLAMINGO_GPU_MAX_BINDING") {
+            Ok(value) if !value.trim().is_empty() => match value.trim().parse::<u64>() {
+                Ok(bytes) => Some(bytes),
+                Err(_) => {
+                    tracing::warn!("FLAMINGO_GPU_MAX_BINDING={value:?} is ignored: it must be a whole number of bytes, at least 256, such as 134217728");
+                    None
+                }
+            },
+            _ => None,
+        };
         GpuOptions {
             max_storage_binding,
             disable_f16: flag("FLAMINGO_GPU_NO_F16"),

@@ -26,6 +26,13 @@ use crate::tensor::{DType, Tensor};
 
 const FILE: &str = "matmul.wgsl";
 
+/// The environment variable that overrides the matmul kernel choice.
+const MATMUL_VARIABLE: &str = "FLAMINGO_MATMUL";
+
+/// The values [`MATMUL_VARIABLE`] accepts, for warnings.
+const MATMUL_FORMS: &str = "texture:TMxTNxWG, register:TMxTNxWG (TM and TN multiples of 4, WG 1 to 256) \
+                            and tiled:BMxBNxBKxTMxTN, such as register:16x8x8 or tiled:64x64x16x4x4";
+
 /// The matmul kernel an adapter runs, with its tile sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Tuning {
@@ -47,9 +54,20 @@ impl Tuning {
     /// Picks the kernel for an adapter; `FLAMINGO_MATMUL` overrides it with
     /// `texture:TMxTNxWG` or `register:TMxTNxWG` (the register kernel with
     /// or without staging textures; TM and TN multiples of 4) or
-    /// `tiled:BMxBNxBKxTMxTN` (for tuning and tests).
+    /// `tiled:BMxBNxBKxTMxTN` (for tuning and tests). A value that does not
+    /// parse is logged as a warning and the adapter's default is used.
     pub(crate) fn for_adapter(context: &Context) -> Self {
-        let tuning = match std::env::var("FLAMINGO_MATMUL").ok().and_then(|text| Self::parse(&text)) {
+        let requested = match std::env::var(MATMUL_VARIABLE) {
+            Ok(text) if !text.trim().is_empty() => match Self::parse(&text) {
+                Ok(tuning) => Some(tuning),
+                Err(reason) => {
+                    tracing::warn!("{MATMUL_VARIABLE}={text:?} is ignored, so the adapter's default matmul kernel runs: {reason}; the accepted forms are {MATMUL_FORMS}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let tuning = match requested {
             Some(tuning) => tuning,
             None => match context.summary.kind {
                 crate::gpu::AdapterKind::Cpu => {
@@ -72,32 +90,51 @@ impl Tuning {
         }
     }
 
-    fn parse(text: &str) -> Option<Self> {
-        let (kind, sizes) = text.split_once(':')?;
-        let numbers: Vec<u32> = sizes.split('x').map(|part| part.trim().parse().ok()).collect::<Option<_>>()?;
+    /// Parses a `FLAMINGO_MATMUL` value. The error names the part that is wrong.
+    fn parse(text: &str) -> std::result::Result<Self, String> {
+        let text = text.trim();
+        let Some((kind, sizes)) = text.split_once(':') else {
+            return Err("it has no `:` between the kernel and its sizes".to_string());
+        };
+        let expected = match kind {
+            "register" | "texture" => 3,
+            "tiled" => 5,
+            _ => return Err(format!("`{kind}` is not a kernel; the kernels are texture, register and tiled")),
+        };
+        let numbers: Vec<u32> = sizes
+            .split('x')
+            .map(|part| part.trim().parse().map_err(|_| format!("`{}` is not a whole number", part.trim())))
+            .collect::<std::result::Result<_, _>>()?;
+        if numbers.len() != expected {
+            return Err(format!("{kind} takes {expected} sizes joined by `x`, but {} were given", numbers.len()));
+        }
         let tuning = match (kind, numbers.as_slice()) {
-            ("register" | "texture", &[thread_m, thread_n, workgroup]) => {
+            ("tiled", &[tile_m, tile_n, tile_k, thread_m, thread_n]) => Tuning::Tiled { tile_m, tile_n, tile_k, thread_m, thread_n },
+            (_, &[thread_m, thread_n, workgroup]) => {
                 Tuning::Register { thread_m, thread_n, workgroup, textures: kind == "texture", broadcast: false }
             }
-            ("tiled", &[tile_m, tile_n, tile_k, thread_m, thread_n]) => Tuning::Tiled { tile_m, tile_n, tile_k, thread_m, thread_n },
-            _ => return None,
+            _ => unreachable!("the number of sizes was checked above"),
         };
-        tuning.is_valid().then_some(tuning)
+        tuning.check()?;
+        Ok(tuning)
     }
 
-    fn is_valid(&self) -> bool {
+    /// Checks the sizes that a kernel can be built with; the error names the rule broken.
+    fn check(&self) -> std::result::Result<(), String> {
+        let rule = |holds: bool, rule: &str| if holds { Ok(()) } else { Err(rule.to_string()) };
         match *self {
             Tuning::Register { thread_m, thread_n, workgroup, .. } => {
-                thread_m > 0 && thread_m % 4 == 0 && thread_n > 0 && thread_n % 4 == 0 && workgroup > 0 && workgroup <= 256
+                rule(thread_m > 0 && thread_m % 4 == 0, "TM must be a positive multiple of 4")?;
+                rule(thread_n > 0 && thread_n % 4 == 0, "TN must be a positive multiple of 4")?;
+                rule(workgroup > 0 && workgroup <= 256, "WG must be 1 to 256")
             }
             Tuning::Tiled { tile_m, tile_n, tile_k, thread_m, thread_n } => {
-                thread_m > 0
-                    && thread_n > 0
-                    && tile_k > 0
-                    && tile_m % thread_m == 0
-                    && tile_n % thread_n == 0
-                    && (tile_m / thread_m) * (tile_n / thread_n) <= 256
-                    && (tile_m + tile_n) * tile_k * 4 <= 16384
+                rule(thread_m > 0 && thread_n > 0 && tile_k > 0, "BK, TM and TN must be at least 1")?;
+                rule(tile_m % thread_m == 0 && tile_n % thread_n == 0, "BM must be a multiple of TM and BN a multiple of TN")?;
+                let threads = u64::from(tile_m / thread_m) * u64::from(tile_n / thread_n);
+                rule(threads <= 256, "(BM / TM) × (BN / TN) threads must be at most 256")?;
+                let bytes = (u64::from(tile_m) + u64::from(tile_n)) * u64::from(tile_k) * 4;
+                rule(bytes <= 16384, "(BM + BN) × BK × 4 bytes of workgroup memory must be at most 16384")
             }
         }
     }
@@ -447,4 +484,43 @@ fn chunked(range: Range<usize>, step: usize) -> impl Iterator<Item = Range<usize
     let step = step.max(1);
     let end = range.end;
     (range.start..end).step_by(step).map(move |start| start..(start + step).min(end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_override_parses() {
+        assert_eq!(
+            Tuning::parse("register:16x8x8"),
+            Ok(Tuning::Register { thread_m: 16, thread_n: 8, workgroup: 8, textures: false, broadcast: false })
+        );
+        assert_eq!(
+            Tuning::parse(" texture:8x8x16 "),
+            Ok(Tuning::Register { thread_m: 8, thread_n: 8, workgroup: 16, textures: true, broadcast: false })
+        );
+        assert_eq!(Tuning::parse("tiled:64x64x16x4x4"), Ok(Tuning::Tiled { tile_m: 64, tile_n: 64, tile_k: 16, thread_m: 4, thread_n: 4 }));
+    }
+
+    #[test]
+    fn bad_matmul_override_names_fault() {
+        let cases = [
+            ("register", "no `:`"),
+            ("tile:64x64x16x4x4", "`tile` is not a kernel"),
+            ("register:16x8", "register takes 3 sizes"),
+            ("tiled:64x64x16", "tiled takes 5 sizes"),
+            ("register:16xeightx8", "`eight` is not a whole number"),
+            ("register:6x8x8", "TM must be a positive multiple of 4"),
+            ("texture:8x8x0", "WG must be 1 to 256"),
+            ("tiled:64x64x16x0x4", "at least 1"),
+            ("tiled:64x64x16x1x1", "at most 256"),
+            ("tiled:4294967295x4294967295x4294967295x1x1", "at most 256"),
+            ("tiled:128x128x32x8x8", "16384"),
+        ];
+        for (text, expected) in cases {
+            let reason = Tuning::parse(text).expect_err(text);
+            assert!(reason.contains(expected), "{text}: expected {expected:?} in {reason:?}");
+        }
+    }
 }

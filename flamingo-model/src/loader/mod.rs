@@ -46,6 +46,18 @@ pub fn open_weights(path: impl AsRef<Path>) -> Result<Box<dyn WeightSource>> {
     Ok(Box::new(SafetensorsWeights::open(path)?))
 }
 
+/// Returns whether the file at `path` begins as a safetensors file does:
+/// an 8-byte header length, then the `{` that opens the JSON header.
+pub fn starts_like_safetensors(path: &Path) -> Result<bool> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut start = [0u8; 9];
+    match file.read_exact(&mut start) {
+        Ok(()) => Ok(self::safetensors::looks_like_safetensors(&start)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
 /// Returns whether the file at `path` begins with the GGUF magic bytes.
 pub fn starts_with_gguf_magic(path: &Path) -> Result<bool> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;

@@ -344,6 +344,25 @@ fn map_shard(path: &Path) -> Result<Shard> {
     })
 }
 
+/// The advice for a safetensors file that is cut short or damaged.
+const FETCH_AGAIN: &str = "download or convert it again";
+
+/// Returns whether `bytes` begin as a safetensors file does: an 8-byte
+/// header length, then the `{` that opens the JSON header.
+pub fn looks_like_safetensors(bytes: &[u8]) -> bool {
+    bytes.get(8) == Some(&b'{')
+}
+
+/// Returns the end of a message about an unreadable header. A file that
+/// starts as safetensors does is damaged, and any other file is probably
+/// not safetensors at all.
+fn damaged_hint(looks_like: bool) -> String {
+    match looks_like {
+        true => format!("the safetensors file is damaged, so {FETCH_AGAIN}"),
+        false => "this is not a safetensors file, or it is a damaged one".to_string(),
+    }
+}
+
 /// Parses and checks the header of one safetensors file.
 ///
 /// The returned byte ranges are absolute offsets into `bytes`, checked to lie
@@ -353,34 +372,48 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<ShardHeader> {
     if file_len < 8 {
         return Err(Error::format(
             path,
-            format!("the file is {file_len} bytes long, too short for the 8-byte safetensors header length"),
+            format!(
+                "the file is {file_len} bytes long, too short for the 8-byte safetensors header length; \
+                 if it is a safetensors file, it is truncated, so {FETCH_AGAIN}"
+            ),
         ));
     }
 
     let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    let looks_like = looks_like_safetensors(bytes);
     if header_len > MAX_HEADER_BYTES {
-        return Err(Error::format(
-            path,
-            format!(
+        let message = match looks_like {
+            true => format!(
+                "this is a damaged safetensors file: its header length field says {header_len} bytes, \
+                 more than the {MAX_HEADER_BYTES}-byte limit; {FETCH_AGAIN}"
+            ),
+            false => format!(
                 "the header length field says {header_len} bytes, more than the {MAX_HEADER_BYTES}-byte limit; \
                  this is not a safetensors file or it is corrupt"
             ),
-        ));
+        };
+        return Err(Error::format(path, message));
     }
     let header_end = 8 + header_len as usize;
     if header_end > file_len {
-        return Err(Error::format(
-            path,
-            format!(
-                "the file is truncated: its header needs bytes 8..{header_end}, but the file is {file_len} bytes long"
+        let message = match looks_like {
+            true => format!(
+                "this is a truncated or damaged safetensors file: its header needs bytes 8..{header_end}, \
+                 but the file is {file_len} bytes long; {FETCH_AGAIN}"
             ),
-        ));
+            false => format!(
+                "the first 8 bytes give a header length of {header_len}, so the header needs bytes 8..{header_end}, \
+                 but the file is {file_len} bytes long and no JSON header follows; this is not a safetensors file, \
+                 or it is a damaged one"
+            ),
+        };
+        return Err(Error::format(path, message));
     }
 
     let header_text = std::str::from_utf8(&bytes[8..header_end])
-        .map_err(|e| Error::format(path, format!("the header is not valid UTF-8: {e}")))?;
+        .map_err(|e| Error::format(path, format!("the header is not valid UTF-8 ({e}); {}", damaged_hint(looks_like))))?;
     let header: serde_json::Map<String, serde_json::Value> = serde_json::from_str(header_text)
-        .map_err(|e| Error::format(path, format!("the header is not a valid JSON object: {e}")))?;
+        .map_err(|e| Error::format(path, format!("the header is not a valid JSON object ({e}); {}", damaged_hint(looks_like))))?;
 
     let mut tensors = Vec::with_capacity(header.len());
     let mut metadata = BTreeMap::new();
@@ -444,7 +477,7 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<ShardHeader> {
             path,
             format!(
                 "the file is truncated: it is {file_len} bytes long, but its header places tensor data up to \
-                 byte {needed}; tensor `{name}` needs bytes {start}..{end}"
+                 byte {needed}; tensor `{name}` needs bytes {start}..{end}; {FETCH_AGAIN}"
             ),
         ));
     }

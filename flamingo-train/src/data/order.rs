@@ -149,7 +149,7 @@ impl Subset {
             )));
         }
 
-        let name = format!("{} (subset of {} records)", parent.name(), indices.len());
+        let name = format!("{} ({} of its records)", parent.name(), indices.len());
         Ok(Subset {
             parent,
             indices,
