@@ -39,10 +39,10 @@ pub struct Args {
     /// The longer recipe: more steps and training images, for higher accuracy.
     #[arg(long)]
     long: bool,
-    /// Optimizer steps; default 500, or 1000 with --long.
+    /// Optimizer steps; default 500, or 1500 with --long.
     #[arg(long)]
     steps: Option<u64>,
-    /// Training images per class; default 500, or 1000 with --long.
+    /// Training images per class; default 500, or 1500 with --long.
     #[arg(long)]
     train_per_class: Option<usize>,
     /// Held-out test images per class for caption accuracy.
@@ -71,7 +71,7 @@ struct Recipe {
 
 impl Recipe {
     fn new(args: &Args) -> Self {
-        let (steps, train_per_class) = if args.long { (1000, 1000) } else { (500, 500) };
+        let (steps, train_per_class) = if args.long { (1500, 1500) } else { (500, 500) };
         Self { steps: args.steps.unwrap_or(steps), train_per_class: args.train_per_class.unwrap_or(train_per_class) }
     }
 
