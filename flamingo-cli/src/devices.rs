@@ -24,7 +24,9 @@ pub fn run(request: &str) -> anyhow::Result<()> {
         };
         println!("    shader f16: {}, subgroups: {subgroups}", if adapter.shader_f16 { "yes" } else { "no" });
         println!("    max workgroup size: {}, max invocations per workgroup: {}", adapter.limits.max_compute_workgroup_size_x, adapter.limits.max_compute_invocations_per_workgroup);
-        println!("    features: {:?}", adapter.features);
+        let features: Vec<&str> = adapter.features.iter_names().map(|(name, _)| name).collect();
+        let features = if features.is_empty() { "none".to_string() } else { features.join(", ") };
+        println!("    features: {features}");
     }
 
     let request: DeviceRequest = request.parse()?;
