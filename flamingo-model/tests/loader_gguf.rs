@@ -378,6 +378,7 @@ fn truncated_metadata_names_the_key() {
             "truncated",
             "`general.name`",
             &format!("ends at byte {cut}"),
+            "download the file again",
         ],
     );
 }
@@ -396,7 +397,7 @@ fn truncated_tensor_data_names_the_tensor() {
     assert!(matches!(error, Error::Format { .. }), "{error:?}");
     assert_message_contains(
         &error,
-        &["truncated", "`blk.0.ffn_up.weight`", "F32", "128 bytes"],
+        &["truncated", "`blk.0.ffn_up.weight`", "F32", "128 bytes", "download the file again"],
     );
 }
 

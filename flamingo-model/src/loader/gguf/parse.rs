@@ -218,7 +218,7 @@ fn check_tensor_extents(
             return Err(Error::format(
                 path,
                 format!(
-                    "the file is truncated: tensor `{}` ({}, {} bytes at file offset {}) ends past the end of the file ({file_len} bytes)",
+                    "the file is truncated: tensor `{}` ({}, {} bytes at file offset {}) ends past the end of the file ({file_len} bytes); download the file again",
                     info.name,
                     info.ggml_type,
                     info.n_bytes,
@@ -247,7 +247,7 @@ impl ReadError {
     fn into_error(self, path: &Path, what: &str) -> Error {
         let message = match self {
             ReadError::Truncated { at, needed, file_len } => format!(
-                "the file is truncated: reading {what} at byte {at} needs {needed} bytes, but the file ends at byte {file_len}"
+                "the file is truncated: reading {what} at byte {at} needs {needed} bytes, but the file ends at byte {file_len}; download the file again"
             ),
             ReadError::InvalidUtf8 { at } => format!("{what}: the string at byte {at} is not valid UTF-8"),
             ReadError::Invalid(reason) => format!("{what}: {reason}"),
