@@ -104,7 +104,8 @@ const TRAIN_FLAGS: [(&str, &str); 17] = [
 
 /// Rewrites a configuration error so that it names what the user typed.
 /// That is the flag when `from_flags` lists the key, else the key and the
-/// `--config` file. Without a file, it says how to set a key no flag sets.
+/// `--config` file. Without a file, the message explains how to set a key
+/// that no flag sets.
 pub fn name_the_source(error: TrainError, from_flags: &[(&str, &str)], file: Option<&Path>) -> anyhow::Error {
     let TrainError::Field { key, problem } = error else {
         return error.into();
