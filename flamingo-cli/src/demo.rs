@@ -39,10 +39,10 @@ pub struct Args {
     /// The longer recipe: more steps and training images, for higher accuracy.
     #[arg(long)]
     long: bool,
-    /// Optimizer steps; default 500, or 1500 with --long.
+    /// Optimizer steps; default 500, or 3000 with --long.
     #[arg(long)]
     steps: Option<u64>,
-    /// Training images per class; default 500, or 1500 with --long.
+    /// Training images per class; default 500, or 3000 with --long.
     #[arg(long)]
     train_per_class: Option<usize>,
     /// Held-out test images per class for caption accuracy.
@@ -71,7 +71,7 @@ struct Recipe {
 
 impl Recipe {
     fn new(args: &Args) -> Self {
-        let (steps, train_per_class) = if args.long { (1500, 1500) } else { (500, 500) };
+        let (steps, train_per_class) = if args.long { (3000, 3000) } else { (500, 500) };
         Self { steps: args.steps.unwrap_or(steps), train_per_class: args.train_per_class.unwrap_or(train_per_class) }
     }
 
@@ -111,6 +111,9 @@ impl Recipe {
         config.optimizer.gate_lr_multiplier = 20.0;
         config.schedule.warmup_steps = 20;
         config.schedule.decay = DecayKind::Cosine;
+        // The longer recipe's 30,500 images take about 3.6 GiB of f16
+        // features, which stay in memory instead of a cache file on disk.
+        config.features.memory_limit_mib = 4096;
         config.checkpoints.every = 100;
         config.checkpoints.keep_last = 2;
         config.logging.log_every = 25;

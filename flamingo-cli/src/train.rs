@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use flamingo_train::data::VideoConfig;
 use flamingo_train::{train, DataConfig, DataFormat, DataSource, ModelConfig, StopFlag, TrainConfig, TrainError};
 
 #[derive(Debug, clap::Args)]
@@ -138,7 +139,12 @@ fn build_config(device: &str, args: &Args) -> anyhow::Result<TrainConfig> {
             }
             let format = args.data_format.expect("checked above");
             let train = source_from_flag(format, args.data.first().map(String::as_str), &args.data);
-            let model = ModelConfig::new(args.lm.clone().expect("checked above"), args.vision.clone().expect("checked above"));
+            let mut model = ModelConfig::new(args.lm.clone().expect("checked above"), args.vision.clone().expect("checked above"));
+            // Each frame position has its own learned embedding, so the model
+            // takes as many frames per clip as the video source samples.
+            if format == DataFormat::Video {
+                model.max_frames = train.frames.unwrap_or(VideoConfig::DEFAULT_FRAMES);
+            }
             TrainConfig::new(args.out.clone().expect("checked above"), model, DataConfig::new(train))
         }
     };
