@@ -91,6 +91,8 @@ pub struct TrainSummary {
     pub stopped: bool,
     /// Loss of the last step.
     pub last_loss: Option<f32>,
+    /// The newest checkpoint of the run: the last one written, else the
+    /// one the run resumed from.
     pub last_checkpoint: Option<PathBuf>,
     /// The final evaluation, when there is validation data and the run was not stopped.
     pub evaluation: Option<EvalReport>,
@@ -324,7 +326,7 @@ impl Trainer {
         parts.last_step = run.step;
         parts.stopped = run.stopped;
         parts.last_loss = run.last_loss;
-        parts.last_checkpoint = run.last_checkpoint.clone();
+        parts.last_checkpoint = run.last_good_checkpoint();
         parts.evaluation = evaluation;
         parts.baseline = baseline;
         parts.skips = data.skips.clone();

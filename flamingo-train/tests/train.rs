@@ -149,6 +149,13 @@ fn resume_matches_uninterrupted_run() {
     let moments = |run: &str| std::fs::read(dir.path().join(run).join("checkpoints/step-000016/optimizer.safetensors")).unwrap();
     assert!(moments("split") == moments("whole"), "the final optimizer state differs");
     assert_eq!(second.evaluation.unwrap().validation_loss, whole.evaluation.unwrap().validation_loss);
+
+    // Resuming a finished run trains nothing and reports its final checkpoint.
+    let mut finished_config = split.clone();
+    finished_config.resume = true;
+    let third = train(finished_config, &StopFlag::new()).unwrap();
+    assert_eq!((third.first_step, third.last_step), (16, 16));
+    assert_eq!(third.last_checkpoint, Some(split.checkpoint_dir().join("step-000016")));
 }
 
 /// Fails the commit of the checkpoint of step `at`, as a crash between
