@@ -108,8 +108,12 @@ pub fn run(device: Device, args: Args) -> anyhow::Result<()> {
 
     let output = match &args.checkpoint {
         Some(checkpoint) => {
+            // The images are decoded first, so a wrong path fails before the models load.
+            let mut images = Vec::with_capacity(args.images.len());
+            for path in &args.images {
+                images.push(FlamingoPipeline::open_image(path).map_err(|error| anyhow::anyhow!("--image {error}"))?);
+            }
             let model = FlamingoPipeline::load(&device, checkpoint, args.lm.as_deref(), args.vision.as_deref())?;
-            let images = args.images.iter().map(|path| FlamingoPipeline::open_image(path)).collect::<Result<Vec<_>, _>>()?;
             model.generate(&args.prompt, &images, &config)?
         }
         None => {

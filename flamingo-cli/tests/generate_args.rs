@@ -1,6 +1,6 @@
 //! `flamingo generate` rejects sampling settings that are out of range or
-//! contradict each other, with one line naming the flag, before it loads
-//! any model.
+//! contradict each other, and image files it cannot open, with one line
+//! naming the flag, before it loads any model.
 
 use std::process::Command;
 
@@ -38,4 +38,16 @@ fn valid_settings_reach_model_loader() {
     let (success, stderr) = generate(&["--temperature", "0.8", "--top-k", "40", "--top-p", "0.9"]);
     assert!(!success);
     assert!(stderr.contains("no-such-model.gguf"), "expected the missing file to be named, got:\n{stderr}");
+}
+
+#[test]
+fn missing_image_names_its_flag() {
+    let output = Command::new(env!("CARGO_BIN_EXE_flamingo"))
+        .args(["--device", "cpu", "generate", "--checkpoint", "no-such-checkpoint", "--image", "no-such-image.png", "--prompt", "<image>Output:"])
+        .output()
+        .expect("the flamingo binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("--image no-such-image.png: image file not found"), "the flag and the file are named:\n{stderr}");
+    assert!(!stderr.contains("no-such-checkpoint"), "the image is checked before the checkpoint loads:\n{stderr}");
 }
