@@ -109,10 +109,11 @@ pub fn run(device: Device, args: Args) -> anyhow::Result<()> {
     let output = match &args.checkpoint {
         Some(checkpoint) => {
             // The images are decoded first, so a wrong path fails before the models load.
-            let mut images = Vec::with_capacity(args.images.len());
-            for path in &args.images {
-                images.push(FlamingoPipeline::open_image(path).map_err(|error| anyhow::anyhow!("--image {error}"))?);
-            }
+            let images = args
+                .images
+                .iter()
+                .map(|path| FlamingoPipeline::open_image(path).map_err(|error| anyhow::anyhow!("--image {error}")))
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let model = FlamingoPipeline::load(&device, checkpoint, args.lm.as_deref(), args.vision.as_deref())?;
             model.generate(&args.prompt, &images, &config)?
         }
