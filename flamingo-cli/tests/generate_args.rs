@@ -51,3 +51,15 @@ fn missing_image_names_its_flag() {
     assert!(stderr.contains("--image no-such-image.png: image file not found"), "the flag and the file are named:\n{stderr}");
     assert!(!stderr.contains("no-such-checkpoint"), "the image is checked before the checkpoint loads:\n{stderr}");
 }
+
+#[test]
+fn missing_checkpoint_says_what_to_pass() {
+    let output = Command::new(env!("CARGO_BIN_EXE_flamingo"))
+        .args(["--device", "cpu", "generate", "--checkpoint", "no-such-checkpoint", "--prompt", "Hello"])
+        .output()
+        .expect("the flamingo binary runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("no-such-checkpoint/connector.json: not found"), "the missing manifest is named:\n{stderr}");
+    assert!(stderr.contains("pass a checkpoint folder"), "the message says what to pass:\n{stderr}");
+}

@@ -68,7 +68,14 @@ impl ConnectorManifest {
     /// Reads `connector.json` from a checkpoint folder.
     pub fn read(folder: &Path) -> Result<Self> {
         let path = folder.join(CONNECTOR_MANIFEST);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let problem = "not found, so this is not a connector checkpoint; pass a checkpoint folder such as runs/demo-1/checkpoints/step-000500";
+                return Err(Error::format(&path, problem));
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        };
         let manifest: ConnectorManifest =
             serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("invalid connector manifest: {e}")))?;
         if manifest.format_version != MANIFEST_VERSION {
